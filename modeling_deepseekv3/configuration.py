@@ -1,0 +1,323 @@
+"""DeepSeek-V3 configuration: the official ``config.json`` read verbatim, validated, and written back.
+
+The class reads every field of the published DeepSeek-V3 / R1 / V3-0324 / V3.1 / Kimi-K2 / Moonlight
+configs (including the legacy ``rope_scaling`` dict, ``quantization_config``, ``num_nextn_predict_layers``,
+``topk_method`` and ``scoring_func``) and rejects inconsistent ones with a ``ValueError`` that names the
+field, because a silently mis-configured MoE (wrong group count, too many experts per token) produces a
+model that runs and is wrong.
+
+Two things differ from a plain transformers config, both on purpose (see ``design.md``):
+
+* ``quantization_config`` of the official FP8 checkpoints is *hidden* from transformers. If transformers
+  saw it, its fine-grained FP8 quantizer would dequantize the weights to BF16 on CPU (dropping the scales)
+  or swap our modules on a GPU. We keep it as ``fp8_quantization_config`` and write it back under its
+  official name in :meth:`to_dict`, so ``save_pretrained`` round-trips the file.
+* The class is named ``DeepseekV3PluginConfig`` and exported as ``DeepseekV3Config``: transformers' Auto
+  mappings compare config classes by ``__name__``, and a class literally named ``DeepseekV3Config`` would
+  be routed to the *native* model by ``AutoModel*.from_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+__all__ = ["DeepseekV3PluginConfig", "DeepseekV3Config"]
+
+_SUPPORTED_SCORING = ("sigmoid",)
+_SUPPORTED_TOPK = ("noaux_tc",)
+_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+# Fields derived from others; recomputed on load, never written to config.json.
+_DERIVED_FIELDS = ("qk_head_dim", "head_dim")
+
+
+class DeepseekV3PluginConfig(PreTrainedConfig):
+    r"""Configuration of a DeepSeek-V3-architecture model (V3, R1, V3-0324, V3.1, Kimi-K2, Moonlight).
+
+    Defaults are the published DeepSeek-V3 values, so ``DeepseekV3Config()`` describes the 671B model.
+    Field names and meanings are those of the official ``config.json`` (see ``spec/deepseek_v3.md`` §1);
+    ``aux_loss_alpha`` is kept as published (0.001) although the paper's balance-loss alpha is 0.0001.
+
+    Plugin knobs (config attributes, so ``from_pretrained(path, knob=value)`` works and they survive
+    ``save_pretrained``):
+
+    ``load_mtp`` (bool, default True)
+        Build and load the multi-token-prediction layer(s) stored at ``model.layers.{num_hidden_layers}``
+        when the checkpoint has them. They never take part in the main forward; False skips them (saves
+        ~11.6B parameters on the full model).
+    ``dequantize_fp8`` (bool, default False)
+        After loading an FP8 checkpoint, replace every FP8 linear by a dense one in the model dtype.
+        Trades 2x (BF16) or 4x (FP32) weight memory for not dequantizing on every forward.
+    """
+
+    model_type = "deepseek_v3"
+    attribute_map = {
+        "num_local_experts": "n_routed_experts",
+        "num_mtp_layers": "num_nextn_predict_layers",
+    }
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = 128
+    n_shared_experts: int | None = 1
+    n_routed_experts: int = 256
+    ep_size: int = 1
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pretraining_tp: int | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    # --- plugin knobs -------------------------------------------------------------------------
+    load_mtp: bool = True
+    dequantize_fp8: bool = False
+
+    def __post_init__(self, **kwargs):
+        quant = kwargs.pop("quantization_config", None)
+        self.fp8_quantization_config = None
+        if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+            self.fp8_quantization_config = _normalize_fp8_config(quant)
+        elif quant is not None:
+            # Any other method (e.g. bitsandbytes for QLoRA) is transformers' business: leave it visible.
+            kwargs["quantization_config"] = quant
+        # transformers merges rope keys into these dicts in place; never mutate the caller's config dict.
+        if isinstance(kwargs.get("rope_scaling"), dict):
+            kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
+        if isinstance(self.rope_parameters, dict):
+            self.rope_parameters = dict(self.rope_parameters)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.n_shared_experts is None:
+            self.n_shared_experts = 0
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        # transformers' rope utilities read `head_dim` as the rotary width; for MLA that is the rope part.
+        self.head_dim = self.qk_rope_head_dim
+        super().__post_init__(**kwargs)
+        self.validate_deepseek()
+
+    # ------------------------------------------------------------------------------------------
+    # derived views
+    @property
+    def is_fp8(self) -> bool:
+        """True when the checkpoint format is block-scaled FP8 (official V3 / R1 / V3.1 / Kimi-K2)."""
+        return self.fp8_quantization_config is not None
+
+    @property
+    def fp8_block_size(self) -> tuple[int, int] | None:
+        if self.fp8_quantization_config is None:
+            return None
+        bm, bn = self.fp8_quantization_config["weight_block_size"]
+        return int(bm), int(bn)
+
+    @property
+    def fp8_scale_fmt(self) -> str | None:
+        """``"ue8m0"`` (V3.1: power-of-two scales) or None (plain FP32 scales)."""
+        if self.fp8_quantization_config is None:
+            return None
+        return self.fp8_quantization_config.get("scale_fmt")
+
+    @property
+    def num_mtp_modules(self) -> int:
+        """MTP layers this config builds (0 when absent or skipped with ``load_mtp=False``)."""
+        return self.num_nextn_predict_layers if self.load_mtp else 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Spec §6: layer ``i`` is MoE iff ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``.
+
+        MTP layers (indices ``>= num_hidden_layers``) follow the same rule, so in V3 they are MoE blocks.
+        """
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def yarn_parameters(self) -> dict[str, Any] | None:
+        rp = self.rope_parameters or {}
+        return rp if rp.get("rope_type", rp.get("type")) == "yarn" else None
+
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
+
+    # ------------------------------------------------------------------------------------------
+    def validate_deepseek(self) -> None:
+        """Raise ``ValueError`` naming the field for every inconsistency we can detect up front."""
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+            "moe_layer_freq",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field `{name}` must be a positive integer, got {value!r}.")
+        for name in ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config field `{name}` must be a non-negative integer, got {value!r}.")
+        if self.q_lora_rank is not None and (
+            not isinstance(self.q_lora_rank, int) or isinstance(self.q_lora_rank, bool) or self.q_lora_rank <= 0
+        ):
+            raise ValueError(
+                f"config field `q_lora_rank` must be a positive integer, or null for a direct q_proj "
+                f"(as in Moonlight); got {self.q_lora_rank!r}."
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"config field `qk_rope_head_dim` must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}."
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"config field `n_group` ({self.n_group}) must divide `n_routed_experts` "
+                f"({self.n_routed_experts}): experts are split into equal contiguous groups."
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"config field `topk_group` ({self.topk_group}) cannot exceed `n_group` ({self.n_group})."
+            )
+        kept = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.num_experts_per_tok > kept:
+            raise ValueError(
+                f"config field `num_experts_per_tok` ({self.num_experts_per_tok}) is larger than the "
+                f"{kept} experts left in the `topk_group`={self.topk_group} kept groups "
+                f"({self.n_routed_experts // self.n_group} experts per group)."
+            )
+        if self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
+            raise ValueError(
+                f"config field `n_group` ({self.n_group}) leaves fewer than 2 experts per group; the group "
+                "score is the sum of each group's top-2 experts."
+            )
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(
+                f"config field `first_k_dense_replace` ({self.first_k_dense_replace}) is larger than "
+                f"`num_hidden_layers` ({self.num_hidden_layers})."
+            )
+        if self.scoring_func not in _SUPPORTED_SCORING:
+            raise ValueError(
+                f"config field `scoring_func` is {self.scoring_func!r}; this package implements the "
+                f"DeepSeek-V3 router, which needs {_SUPPORTED_SCORING[0]!r}."
+            )
+        if self.topk_method not in _SUPPORTED_TOPK:
+            raise ValueError(
+                f"config field `topk_method` is {self.topk_method!r}; this package implements the "
+                f"aux-loss-free group-limited router, {_SUPPORTED_TOPK[0]!r}."
+            )
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"config field `hidden_act` is {self.hidden_act!r}, which transformers does not know.")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
+            raise ValueError(
+                f"config field `routed_scaling_factor` must be > 0, got {self.routed_scaling_factor!r}."
+            )
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"config field `rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+        yarn = self.yarn_parameters
+        if yarn is not None:
+            factor = yarn.get("factor")
+            if not isinstance(factor, (int, float)) or factor < 1:
+                raise ValueError(f"config field `rope_scaling.factor` must be >= 1 for YaRN, got {factor!r}.")
+            omp = yarn.get("original_max_position_embeddings")
+            if not isinstance(omp, int) or omp <= 0:
+                raise ValueError(
+                    "config field `rope_scaling.original_max_position_embeddings` must be a positive integer "
+                    f"for YaRN, got {omp!r}."
+                )
+        else:
+            rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+            if rope_type != "default":
+                raise ValueError(
+                    f"config field `rope_scaling.type` is {rope_type!r}; DeepSeek-V3 models use 'yarn' or none."
+                )
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize in the official layout: legacy ``rope_scaling``/``rope_theta`` (what vLLM, SGLang and
+        older transformers read), ``quantization_config`` re-emitted, derived fields dropped."""
+        out = super().to_dict()
+        own_type = self.__dict__.get("model_type")
+        if own_type in _MODEL_TYPES:
+            out["model_type"] = own_type  # Kimi-K2 keeps "kimi_k2"
+        for name in _DERIVED_FIELDS:
+            out.pop(name, None)
+        fp8 = out.pop("fp8_quantization_config", None)
+        if fp8 is not None:
+            out["quantization_config"] = dict(fp8)
+        rope = out.pop("rope_parameters", None) or {}
+        rope = dict(rope)
+        out["rope_theta"] = rope.pop("rope_theta", 10000.0)
+        rope_type = rope.pop("rope_type", "default")
+        rope.pop("type", None)
+        out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+        return out
+
+
+def _normalize_fp8_config(quant: dict) -> dict:
+    """Validate an official FP8 ``quantization_config`` and return a copy (keys as published)."""
+    quant = dict(quant)
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"config field `quantization_config.fmt` is {fmt!r}; only 'e4m3' FP8 is supported.")
+    block = quant.get("weight_block_size")
+    if (
+        not isinstance(block, (list, tuple))
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ValueError(
+            "config field `quantization_config.weight_block_size` must be two positive integers such as "
+            f"[128, 128]; got {block!r}. Per-tensor or per-channel FP8 is not the DeepSeek format."
+        )
+    quant["weight_block_size"] = [int(b) for b in block]
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(
+            f"config field `quantization_config.activation_scheme` is {scheme!r}; DeepSeek FP8 uses 'dynamic'."
+        )
+    scale_fmt = quant.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(
+            f"config field `quantization_config.scale_fmt` is {scale_fmt!r}; expected null or 'ue8m0' (V3.1)."
+        )
+    return quant
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention-magnitude factor ``0.1 * mscale * ln(scale) + 1`` (1.0 when ``scale <= 1``)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+DeepseekV3Config = DeepseekV3PluginConfig

@@ -1,0 +1,56 @@
+"""Small building blocks shared by attention, MoE and MTP: RMSNorm, the linear factory, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .fp8 import FP8Linear
+
+__all__ = ["RMSNorm", "make_linear", "SwiGLUMLP"]
+
+
+class RMSNorm(nn.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``; normalized in float32, cast back, then scaled (spec §7)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def make_linear(config, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+    """The projection type of the checkpoint: ``FP8Linear`` for FP8 checkpoints, else ``nn.Linear``.
+
+    Used for every linear inside a decoder block (attention, dense MLP, routed and shared experts) --
+    exactly the tensors the official FP8 checkpoints store as float8 (spec §3.2). Router, embeddings,
+    heads and MTP's ``eh_proj`` are never FP8 and are built directly."""
+    if config.is_fp8:
+        return FP8Linear(in_features, out_features, bias=bias, block_size=config.fp8_block_size)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class SwiGLUMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: dense layers, each routed expert, the shared expert."""
+
+    def __init__(self, config, intermediate_size: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = make_linear(config, config.hidden_size, intermediate_size)
+        self.up_proj = make_linear(config, config.hidden_size, intermediate_size)
+        self.down_proj = make_linear(config, intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,374 @@
+"""Assembly and transformers glue: decoder layer, MTP layer, ``DeepseekV3Model``, ``DeepseekV3ForCausalLM``.
+
+Module and parameter names are the Hub checkpoint's (``model.layers.L.self_attn.kv_a_proj_with_mqa``,
+``model.layers.L.mlp.experts.E.down_proj.weight_scale_inv``, ...), so the official shards load 1:1 with no
+conversion table. The multi-token-prediction layer stored as ``model.layers.{num_hidden_layers}`` lives at
+that index of ``model.layers`` but is a different class and is never run by the main forward.
+
+Checkpoint I/O (validation before load, the official layout on save, FP8 bookkeeping) lives in
+``loading.py``; this file only wires it into ``from_pretrained`` / ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from . import loading
+from .attention import MLAttention
+from .configuration import DeepseekV3PluginConfig
+from .fp8 import FP8Linear
+from .layers import RMSNorm, SwiGLUMLP
+from .moe import DeepseekV3MoE, TopkRouter
+from .rope import RotaryEmbedding
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DeepseekV3DecoderLayer",
+    "DeepseekV3MTPLayer",
+    "DeepseekV3PreTrainedModel",
+    "DeepseekV3Model",
+    "DeepseekV3ForCausalLM",
+]
+
+
+class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + MLA(norm(x))`` then ``x + FFN(norm(x))``; FFN is dense below
+    ``first_k_dense_replace``, MoE above."""
+
+    def __init__(self, config: DeepseekV3PluginConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MLAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = DeepseekV3MoE(config)
+        else:
+            self.mlp = SwiGLUMLP(config, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class SharedHead(nn.Module):
+    """``shared_head``: the MTP layer's final norm and output head (a copy of ``lm_head``)."""
+
+    def __init__(self, config: DeepseekV3PluginConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden_states))
+
+
+class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
+    """Multi-token prediction module ``model.layers.{num_hidden_layers + k}`` (spec §8.2).
+
+    For position i with the next token ``t_{i+1}`` known: ``x = eh_proj([enorm(emb(t_{i+1})) ;
+    hnorm(h_i)])`` (embedding half first -- the order the released weights need), then this layer's MLA +
+    MoE block, then ``shared_head`` -> logits for ``t_{i+2}``. ``h_i`` is the main model's final hidden
+    state after ``model.norm`` (what vLLM/SGLang feed). Its ``embed_tokens`` / ``shared_head.head`` are
+    the checkpoint's own copies of the main embedding and head."""
+
+    def __init__(self, config: DeepseekV3PluginConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def predict(
+        self,
+        next_input_ids: torch.Tensor,
+        previous_hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``next_input_ids [B, S]`` (tokens i+1), ``previous_hidden [B, S, D]`` (post-norm h_i) ->
+        ``(hidden [B, S, D], logits [B, S, V])`` predicting tokens i+2."""
+        e = self.enorm(self.embed_tokens(next_input_ids))
+        h = self.hnorm(previous_hidden)
+        x = self.eh_proj(torch.cat((e, h), dim=-1))  # (B, S, D)
+        x = super().forward(x, position_embeddings, attention_mask, cache)
+        return x, self.shared_head(x)
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    """Shared glue: init, FP8 bookkeeping, checkpoint validation on load, the official layout on save."""
+
+    config_class = DeepseekV3PluginConfig
+    config: DeepseekV3PluginConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # Whole decoder layers by default; the MoE placement issue refines this to expert granularity.
+    _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        from transformers import initialization as init
+
+        if isinstance(module, FP8Linear):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                dense = torch.randn(module.out_features, module.in_features, device=module.weight.device) * std
+                module.set_dense_weight(dense, self.config.fp8_scale_fmt)
+                module.weight._is_hf_initialized = True
+                module.weight_scale_inv._is_hf_initialized = True
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, TopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        else:
+            super()._init_weights(module)
+
+    # ---- loading / saving (implementation in loading.py) ----------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained`` with the checkpoint checked first and FP8 kept as FP8.
+
+        Before anything is built, a local checkout's index, shard files and safetensors headers are
+        checked (missing or truncated shards fail here, naming the file). After the model skeleton
+        exists, every expected tensor is checked against the shard headers (missing keys, FP8 weights
+        without ``weight_scale_inv``, wrong shapes or dtypes) -- so no half-built model is returned.
+        ``load_mtp`` defaults to loading the MTP layer only when the checkpoint has it."""
+        kwargs = loading.prepare_from_pretrained(cls, pretrained_model_name_or_path, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loading.finalize_loaded_model(model)
+        return model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        if state_dict is None and checkpoint_files:
+            loading.check_checkpoint_against_model(model, checkpoint_files, load_config)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    def save_pretrained(self, save_directory, *args, storage_dtype: torch.dtype | None = None, **kwargs):
+        """Write the official layout: FP8 weights and their FP32 scales as they are (untouched tensors
+        are byte-identical), router bias FP32, everything else in ``storage_dtype`` (BF16 for FP8
+        models, as published; otherwise the embedding's dtype), ``quantization_config`` and the legacy
+        ``rope_scaling`` in config.json. Files are staged and moved into place only when complete."""
+        return loading.save_official(self, save_directory, storage_dtype, args, kwargs)
+
+    def _save_pretrained_transformers(self, save_directory, *args, **kwargs):
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- FP8 helpers --------------------------------------------------------------------------------
+    def fp8_modules(self) -> dict[str, FP8Linear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, FP8Linear)}
+
+    @torch.no_grad()
+    def dequantize_fp8(self, dtype: torch.dtype | None = None) -> "DeepseekV3PreTrainedModel":
+        """Replace every ``FP8Linear`` by a dense ``nn.Linear`` in ``dtype`` (default: the embedding's
+        dtype), one module at a time; the config stops describing an FP8 checkpoint accordingly."""
+        dtype = dtype or self.get_input_embeddings().weight.dtype
+        for name, module in list(self.fp8_modules().items()):
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent_name), child, module.to_dense(dtype))
+        self.config.fp8_quantization_config = None
+        return self
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """Embedding, ``num_hidden_layers`` decoder layers, final norm; plus the MTP layer(s) when loaded."""
+
+    def __init__(self, config: DeepseekV3PluginConfig):
+        super().__init__(config)
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        n = config.num_hidden_layers
+        layers = [DeepseekV3DecoderLayer(config, i) for i in range(n)]
+        layers += [DeepseekV3MTPLayer(config, n + k) for k in range(config.num_mtp_modules)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self._keys_to_ignore_on_load_unexpected = loading.skipped_mtp_key_patterns(config)
+        self.post_init()
+
+    @property
+    def mtp_layers(self) -> list[DeepseekV3MTPLayer]:
+        return list(self.layers[self.config.num_hidden_layers :])
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True is not supported: MLA runs through scaled_dot_product_attention and "
+                "never materializes the attention matrix."
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+
+        b, s = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
+        mask = build_attention_mask(attention_mask, b, s, past, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask, cache=cache)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int, device
+) -> torch.Tensor | None:
+    """Boolean ``[B, 1, S, T]`` mask (True = may attend), or None when plain causal attention suffices.
+
+    ``attention_mask`` is the usual ``[B, past + S]`` 0/1 padding mask (or an already-built 4-D boolean
+    mask, passed through). Query ``i`` sits at cache index ``past + i`` and sees keys ``j <= past + i``
+    that are not padding; a query on a padding token still sees itself, so its row never becomes all
+    ``-inf`` (its output is ignored but stays finite)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+    t = past + q_len
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (q_len == 1 or past == 0):
+        return None
+    q_pos = torch.arange(past, t, device=device)[:, None]  # (S, 1)
+    k_pos = torch.arange(t, device=device)[None, :]  # (1, T)
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, t)  # (B, 1, S, T)
+    if padded:
+        if attention_mask.shape[-1] != t:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens "
+                f"are {t}; pass the mask for the whole sequence so far."
+            )
+        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+        mask = (mask & keep) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    """``DeepseekV3Model`` + ``lm_head``; labels give the shifted next-token cross-entropy."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV3PluginConfig):
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._keys_to_ignore_on_load_unexpected = loading.skipped_mtp_key_patterns(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return out if return_dict is not False else out.to_tuple()

@@ -1,0 +1,160 @@
+"""DeepSeekMoE: the aux-loss-free group-limited router, per-expert SwiGLU experts, the shared expert.
+
+Shape-suffix legend: T = tokens, D = hidden size, E = routed experts, K = experts per token,
+G = expert groups, A = token-expert assignments (T*K).
+
+Routing per token (spec §6), all in float32:
+
+1. ``s = sigmoid(W_gate u)``;  2. ``s_sel = s + e_score_correction_bias`` (selection only);
+3. group score = sum of the top-2 ``s_sel`` in each of the G contiguous groups;
+4. keep the ``topk_group`` best groups, set the other experts' ``s_sel`` to ``-inf`` (not 0.0: with
+   random or non-V3 biases ``s_sel`` can be negative and 0.0 would let masked experts win);
+5. top-K experts by ``s_sel``;  6. weights from the *un-biased* ``s`` of those experts;
+7. renormalize (``norm_topk_prob``) and multiply by ``routed_scaling_factor`` (2.5 for V3).
+
+Experts are one module each (``mlp.experts.E.{gate,up,down}_proj``) so checkpoint keys load 1:1 and
+zero-copy, and Accelerate/PEFT/bitsandbytes see plain modules. Dispatch sorts the T*K assignments by
+expert once and runs one batched matmul chain per *active* expert on a contiguous slice; the weighted
+combine accumulates in float32. ``moe_reference`` is the slow per-token twin used by the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fp8 import apply_keeping_dtype
+from .layers import SwiGLUMLP
+
+__all__ = ["TopkRouter", "DeepseekV3MoE", "route_tokens", "moe_reference"]
+
+
+def route_tokens(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-function router on float32 logits. Returns ``(topk_idx_TK, topk_weight_TK)``."""
+    scores_TE = logits_TE.sigmoid()
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    t, e = choice_TE.shape
+    if n_group > 1 and topk_group < n_group:
+        group_TG = choice_TE.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    topk_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+    weight_TK = scores_TE.gather(1, topk_idx_TK)
+    if norm_topk_prob and top_k > 1:
+        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_idx_TK, weight_TK * routed_scaling_factor
+
+
+class TopkRouter(nn.Module):
+    """``mlp.gate``: router weight ``[E, D]`` and the float32 ``e_score_correction_bias [E]``.
+
+    Both are kept in float32 (the checkpoint stores the weight in BF16, the bias in FP32; BF16 spacing
+    near the V3 bias values, ~2.0, is 0.0156 -- larger than typical score gaps, spec trap 6). The bias is
+    a buffer: it is updated by the aux-loss-free balancing rule, never by gradients."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = float(config.routed_scaling_factor)
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32), persistent=True
+        )
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtype(self, fn, ("weight", "e_score_correction_bias"))
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(topk_idx_TK, topk_weight_TK float32, router_logits_TE float32)``."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        idx_TK, weight_TK = route_tokens(
+            logits_TE,
+            self.e_score_correction_bias.float(),
+            top_k=self.top_k,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+        return idx_TK, weight_TK, logits_TE
+
+
+class DeepseekV3MoE(nn.Module):
+    """``mlp`` of a MoE layer: ``gate`` (router), ``experts.E`` (routed SwiGLU), ``shared_experts``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.n_routed_experts = config.n_routed_experts
+        self.gate = TopkRouter(config)
+        self.experts = nn.ModuleList(
+            SwiGLUMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            SwiGLUMLP(config, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, shape[-1])
+        idx_TK, weight_TK, _ = self.gate(x_TD)
+        out_TD = self.dispatch(x_TD, idx_TK, weight_TK)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return out_TD.view(shape)
+
+    def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """Sorted dispatch: one pass over the active experts, each on a contiguous slice of tokens."""
+        t, k = idx_TK.shape
+        flat_A = idx_TK.reshape(-1)
+        order_A = flat_A.argsort(stable=True)
+        token_A = order_A // k  # source token of each sorted assignment
+        counts = torch.bincount(flat_A, minlength=self.n_routed_experts).tolist()
+        x_AD = x_TD.index_select(0, token_A)
+        w_A1 = weight_TK.reshape(-1).index_select(0, order_A)[:, None]
+        out_TD = torch.zeros(t, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            y = self.experts[expert_id](x_AD[start:end])
+            out_TD.index_add_(0, token_A[start:end], y.float() * w_A1[start:end])
+            start = end
+        return out_TD.to(x_TD.dtype)
+
+
+def moe_reference(moe: DeepseekV3MoE, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Slow twin of :meth:`DeepseekV3MoE.forward`: token by token, expert by expert."""
+    shape = hidden_states.shape
+    x_TD = hidden_states.reshape(-1, shape[-1])
+    idx_TK, weight_TK, _ = moe.gate(x_TD)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros(x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        for j in range(idx_TK.shape[1]):
+            acc += weight_TK[t, j] * moe.experts[int(idx_TK[t, j])](x_TD[t : t + 1])[0].float()
+        rows.append(acc.to(x_TD.dtype))
+    out_TD = torch.stack(rows)
+    if moe.shared_experts is not None:
+        out_TD = out_TD + moe.shared_experts(x_TD)
+    return out_TD.view(shape)
