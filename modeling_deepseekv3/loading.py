@@ -65,7 +65,9 @@ class TensorInfo:
         return SAFETENSORS_DTYPES.get(self.dtype)
 
 
+# Headers parsed once per (file, size, mtime): a load reads them before and after building the model.
 _HEADER_CACHE: dict[tuple[str, int, int], dict[str, TensorInfo]] = {}
+_HEADER_CACHE_FILES = 1024
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -126,6 +128,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             f"{path}: file is {what}: the header describes {end_max} bytes of tensor data, the file holds "
             f"{data_len}. {hint}"
         )
+    if len(_HEADER_CACHE) >= _HEADER_CACHE_FILES:
+        _HEADER_CACHE.clear()
     _HEADER_CACHE[cache_key] = tensors
     return tensors
 
