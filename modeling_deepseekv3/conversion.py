@@ -174,7 +174,7 @@ FP8_QUANTIZATION_CONFIG = {
 }
 
 
-def _random_tensor(name: str, spec: TensorSpec, gen: torch.Generator, config) -> torch.Tensor:
+def _random_tensor(name: str, spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
     """Values with the character of trained weights: unit-RMS activations, norms near 1 (but not 1, so a
     skipped norm changes the output), routers separated enough that routing is not a coin toss, and
     correction biases of both signs (so masking dropped groups with -inf vs 0.0 matters)."""
@@ -246,7 +246,7 @@ def make_tiny_checkpoint(
         if mtp_copy is not None:
             tensors[name] = tensors[mtp_copy].clone()
             continue
-        weight = _random_tensor(name, spec, gen, config)
+        weight = _random_tensor(name, spec, gen)
         if spec.dtype == FP8_DTYPE:
             q, s = block_quantize(weight, config.fp8_block_size, scale_fmt)
             tensors[name] = q

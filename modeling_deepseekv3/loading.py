@@ -17,6 +17,7 @@ module adds what transformers does not do for us:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -238,8 +239,6 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
         logger.info("Checkpoint has no MTP layer (model.layers.%d.*): building the model without it.", config.num_hidden_layers)
         kwargs = dict(kwargs)
         if "config" in kwargs:
-            import copy
-
             kwargs["config"] = copy.deepcopy(config)
             kwargs["config"].load_mtp = False
         else:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from . import loading
@@ -27,8 +27,6 @@ from .fp8 import FP8Linear
 from .layers import RMSNorm, SwiGLUMLP
 from .moe import DeepseekV3MoE, TopkRouter
 from .rope import RotaryEmbedding
-
-logger = logging.get_logger(__name__)
 
 __all__ = [
     "DeepseekV3DecoderLayer",
@@ -132,8 +130,6 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        from transformers import initialization as init
-
         if isinstance(module, FP8Linear):
             if not getattr(module.weight, "_is_hf_initialized", False):
                 dense = torch.randn(module.out_features, module.in_features, device=module.weight.device) * std
