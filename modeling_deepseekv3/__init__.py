@@ -3,6 +3,7 @@
 Importing this package registers nothing with transformers; call :func:`register` for the Auto* route.
 """
 
+from .cache import LatentCache, StaticLatentCache
 from .configuration import DeepseekV3Config, DeepseekV3PluginConfig
 from .fp8 import FP8Linear, block_dequantize, block_quantize
 from .loading import CheckpointError
@@ -19,6 +20,8 @@ __all__ = [
     "DeepseekV3PluginConfig",
     "DeepseekV3PreTrainedModel",
     "FP8Linear",
+    "LatentCache",
+    "StaticLatentCache",
     "block_dequantize",
     "block_quantize",
     "checkpoint_layout",

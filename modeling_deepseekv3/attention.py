@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), spec §5.
+"""Multi-head latent attention (MLA), spec §5, with two paths over one set of weights.
 
 Per token (V3 sizes in brackets):
 
@@ -7,37 +7,121 @@ Per token (V3 sizes in brackets):
 * latent: ``kv_a_proj_with_mqa(h) = [c_kv_raw (512) ; k_rope_raw (64)]``; ``c_kv = kv_a_layernorm(c_kv_raw)``;
   ``k_pe = RoPE(k_rope_raw)`` is one rope key shared by all heads.
 * the cache stores ``[c_kv ; k_pe]`` (576 values per token per layer) -- normalized latent, roped key.
-* "expand" (this module's path, the reference): ``kv_b_proj(c_kv)`` gives per head ``[k_nope (128) ; v (128)]``;
-  ``K = [k_nope ; k_pe]``, ``V = v``; softmax attention with scale ``softmax_scale(config)``; ``o_proj``.
 
-All weight reads go through module forwards (``kv_b_proj(...)``), never ``module.weight`` outside its own
-forward, so Accelerate's offload hooks (which materialize a module's weights only inside its forward)
-keep working; the absorbed path must follow the same rule.
+"expand" (the reference; fast for long prefills): ``kv_b_proj(c_kv)`` gives per head ``[k_nope ; v]``
+for every cached token, ``K = [k_nope ; k_pe]``, ``V = v``, then softmax attention.
+
+"absorb" (decode at latent speed): with ``W_kvb`` viewed as ``[H, 128 + 128, 512]`` = ``[W_UK ; W_UV]``,
+``q_nope . k_nope = (q_nope W_UK) . c_kv``, so each head's query is folded into the latent space
+(``q~ = q_nope W_UK``, 512-d) and scores are ``scale * (q~ . c_kv + q_pe . k_pe)`` over the *cached
+latent itself*; the attended latent ``o~ = P c_kv`` is lifted back per head with ``W_UV``. Per decoded
+token the cost no longer contains ``T x 512 x H x 256`` (re-expanding the whole cache, which native
+transformers does at every step), only ``H x T x (576 + 512)``.
+
+"auto" picks per call from the multiply-add counts of the two paths (see :func:`absorb_is_cheaper`).
+
+Weight reads happen only inside module forwards: the absorbed path runs *inside* ``kv_b_proj``'s own
+forward (:class:`LatentAbsorbingProjection`), so Accelerate's offload hooks (which materialize a module's
+weights only for its forward) keep working, and a kv_b_proj replaced by something else (a PEFT LoRA
+wrapper, a bitsandbytes layer) makes the layer fall back to the expand path instead of ignoring it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import FP8Linear
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
-__all__ = ["MLAttention", "latent_cache_update"]
+__all__ = [
+    "MLA_IMPLEMENTATIONS",
+    "MLAttention",
+    "LatentAbsorbingProjection",
+    "absorb_is_cheaper",
+    "latent_cache_update",
+]
+
+MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
 
 
 def latent_cache_update(cache, latent: torch.Tensor, layer_idx: int) -> torch.Tensor:
-    """Append ``latent [B, S, 576]`` to layer ``layer_idx`` of ``cache``; return the whole ``[B, T, 576]``.
+    """Append ``latent [B, S, D]`` to layer ``layer_idx`` of ``cache``; return all cached ``[B, T, D]``.
 
-    The latent is stored as the *keys* of a standard transformers cache layer, viewed as one head
-    ``[B, 1, T, 576]``, with zero-width values, so ``DynamicCache`` (what ``generate()`` creates), beam
-    reordering and cropping all work unchanged and the cache holds exactly the 576 latent values."""
+    The latent travels as the *keys* of a one-head cache layer (``[B, 1, S, D]``, zero-width values):
+    that is what :class:`~modeling_deepseekv3.cache.LatentLayer` expects, and it also makes a plain
+    transformers ``DynamicCache`` hold exactly the latent."""
     b, s, d = latent.shape
-    keys = latent.view(b, 1, s, d)
-    values = latent.new_empty(b, 1, s, 0)
-    keys, _ = cache.update(keys, values, layer_idx)
-    return keys.view(b, keys.shape[2], d)
+    keys, _ = cache.update(latent.view(b, 1, s, d), latent.new_empty(b, 1, s, 0), layer_idx)
+    return keys[:, 0]
+
+
+def absorb_is_cheaper(q_len: int, kv_len: int, heads: int, nope: int, rope: int, v_dim: int, rank: int) -> bool:
+    """Multiply-add model of both paths for ``q_len`` queries over ``kv_len`` cached tokens.
+
+    expand: ``kv_len*rank*H*(nope+v)`` (re-expanding every cached token) + ``q_len*kv_len*H*(nope+rope+v)``.
+    absorb: ``q_len*H*rank*(nope+v)`` (folding W_UK / W_UV) + ``q_len*kv_len*H*(2*rank+rope)``.
+    For V3 dims absorb wins while ``q_len`` is below ~150 x ``kv_len / (kv_len + 2)``: always for decode,
+    never for a long prompt without cache (benchmarks/decode.py measures the crossover)."""
+    expand = kv_len * rank * heads * (nope + v_dim) + q_len * kv_len * heads * (nope + rope + v_dim)
+    absorb = q_len * heads * rank * (nope + v_dim) + q_len * kv_len * heads * (2 * rank + rope)
+    return absorb < expand
+
+
+class LatentAbsorbingProjection:
+    """Mixin for ``kv_b_proj``: a normal linear, plus absorbed attention run inside its own forward.
+
+    ``forward(q_nope [B, H, S, nope], latent_attention=fn)`` folds ``W_UK`` into the query, calls
+    ``fn(q_latent [B, H, S, rank]) -> o_latent [B, H, S, rank]`` and returns ``o_latent W_UV^T``
+    ``[B, H, S, v]``. The dense weight is materialized (dequantized, for FP8) once per call."""
+
+    num_heads: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+
+    def configure_heads(self, num_heads: int, qk_nope_head_dim: int, v_head_dim: int) -> None:
+        self.num_heads, self.qk_nope_head_dim, self.v_head_dim = num_heads, qk_nope_head_dim, v_head_dim
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if latent_attention is None:
+            return super().forward(x)
+        w = self.dense_weight(x.dtype).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, nope, r), (H, v, r)
+        q_latent = torch.matmul(x, w_uk)  # (B, H, S, nope) @ (H, nope, r) -> (B, H, S, r)
+        o_latent = latent_attention(q_latent)  # (B, H, S, r)
+        return torch.matmul(o_latent, w_uv.transpose(1, 2))  # (B, H, S, r) @ (H, r, v) -> (B, H, S, v)
+
+
+class KVBLinear(LatentAbsorbingProjection, nn.Linear):
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+
+class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantized_weight(dtype)
+
+    def to_dense(self, dtype: torch.dtype) -> KVBLinear:
+        dense = KVBLinear(self.in_features, self.out_features, bias=False, device="meta")
+        dense.weight = nn.Parameter(self.dequantized_weight(dtype), requires_grad=False)
+        dense.configure_heads(self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
+        return dense
+
+
+def _make_kv_b_proj(config, in_features: int, out_features: int) -> nn.Module:
+    if config.is_fp8:
+        layer = KVBFP8Linear(in_features, out_features, block_size=config.fp8_block_size)
+    else:
+        layer = KVBLinear(in_features, out_features, bias=False)
+    layer.configure_heads(config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim)
+    return layer
 
 
 class MLAttention(nn.Module):
@@ -69,7 +153,7 @@ class MLAttention(nn.Module):
             self.q_b_proj = make_linear(config, self.q_lora_rank, self.num_heads * self.qk_head_dim)
         self.kv_a_proj_with_mqa = make_linear(config, hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = make_linear(
+        self.kv_b_proj = _make_kv_b_proj(
             config, self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
         )
         self.o_proj = make_linear(config, self.num_heads * self.v_head_dim, hidden, bias=bias)
@@ -92,6 +176,17 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)
         return torch.cat((c_kv, k_pe), dim=-1)  # (B, S, 576)
 
+    def choose_path(self, q_len: int, kv_len: int) -> str:
+        impl = getattr(self.config, "mla_impl", "auto")
+        if not isinstance(self.kv_b_proj, LatentAbsorbingProjection):
+            return "expand"  # kv_b_proj was wrapped/replaced (LoRA, bitsandbytes): only expand honours it
+        if impl != "auto":
+            return impl
+        cheaper = absorb_is_cheaper(
+            q_len, kv_len, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        )
+        return "absorb" if cheaper else "expand"
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -99,35 +194,75 @@ class MLAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache=None,
     ) -> torch.Tensor:
-        """``attention_mask``: boolean ``[B, 1, S, T]`` (True = may attend) or None for plain causal."""
+        """``attention_mask``: boolean ``[B, 1, S, T]`` (True = may attend), or None for plain causal
+        attention where query ``i`` sits at cache position ``T - S + i``."""
         b, s, _ = hidden_states.shape
-        cos, sin = position_embeddings  # (B, S, 32) each
+        cos, sin = position_embeddings  # (B, S, rope/2) each
         q = self.project_query(hidden_states)  # (B, H, S, 192)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.rope_interleave)
         latent = self.project_latent(hidden_states, cos, sin)  # (B, S, 576)
         if cache is not None:
             latent = latent_cache_update(cache, latent, self.layer_idx)  # (B, T, 576)
-        out = self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, attention_mask)
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)  # (B, S, H*128)
+        if self.choose_path(s, latent.shape[1]) == "absorb":
+            attend = self._latent_attention(q_pe, latent, attention_mask)
+            out = self.kv_b_proj(q_nope, latent_attention=attend)  # (B, H, S, v)
+        else:
+            out = self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, attention_mask)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)  # (B, S, H*v)
         return self.o_proj(out)
 
     def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Reference attention: expand the latent to per-head K/V and run SDPA. Returns ``[B, H, S, v]``."""
         b, t, _ = latent.shape
+        s = q.shape[2]
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         kv = kv.transpose(1, 2)  # (B, H, T, 256)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_pe = k_pe[:, None].expand(b, self.num_heads, t, self.qk_rope_head_dim)  # (B, H, T, 64)
         k = torch.cat((k_nope, k_pe), dim=-1)  # (B, H, T, 192)
-        is_causal = mask is None and q.shape[2] == t and t > 1
+        if mask is None and 1 < s < t:
+            mask = _causal_mask(s, t, q.device)
         return F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=mask is None and s == t and s > 1,
             scale=self.scaling,
-        )  # (B, H, S, 128)
+        )  # (B, H, S, v)
+
+    def _latent_attention(self, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None):
+        """Build the attention over the latent for :class:`LatentAbsorbingProjection` to call.
+
+        All heads share the single latent "key" ``[c_kv ; k_pe]``, so heads fold into the query
+        dimension: one ``[H*S, 576] x [576, T]`` product per sequence instead of H attention heads over
+        copies of the cache. Softmax in float32."""
+        r = self.kv_lora_rank
+        scaling = self.scaling
+        dropout = self.attention_dropout if self.training else 0.0
+
+        def attend(q_latent: torch.Tensor) -> torch.Tensor:
+            b, h, s, _ = q_latent.shape
+            t = latent.shape[1]
+            query = torch.cat((q_latent, q_pe), dim=-1).reshape(b, h * s, -1)  # (B, H*S, 576)
+            scores = torch.matmul(query, latent.transpose(1, 2)).view(b, h, s, t)  # (B, H, S, T)
+            scores = scores.float() * scaling
+            m = mask if mask is not None or s == 1 else _causal_mask(s, t, scores.device)
+            if m is not None:
+                scores = scores.masked_fill(~m, float("-inf"))  # m: (B or 1, 1, S, T) broadcasts over heads
+            probs = scores.softmax(dim=-1).to(latent.dtype)
+            if dropout:
+                probs = F.dropout(probs, p=dropout, training=True)
+            o_latent = torch.matmul(probs.view(b, h * s, t), latent[..., :r])  # (B, H*S, 512)
+            return o_latent.view(b, h, s, r)
+
+        return attend
+
+
+def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """``[1, 1, S, T]``: the S queries are the last S of T positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]

@@ -51,6 +51,14 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     ``dequantize_fp8`` (bool, default False)
         After loading an FP8 checkpoint, replace every FP8 linear by a dense one in the model dtype.
         Trades 2x (BF16) or 4x (FP32) weight memory for not dequantizing on every forward.
+    ``mla_impl`` ("auto" | "absorb" | "expand", default "auto")
+        Which latent-attention path runs: "expand" re-expands K/V from the cached latent (the reference;
+        fast for long prompts), "absorb" attends over the latent itself (decode cost nearly flat in
+        context), "auto" picks per call from the two paths' multiply-add counts.
+    ``latent_cache_format`` ("auto" | "fp8" | "fp8_plain", default "auto")
+        Storage of the latent KV cache: the compute dtype (BF16: 1152 bytes per token per layer),
+        FlashMLA's FP8 layout (656 B: e4m3 latent with per-128 FP32 scales + BF16 rope key), or every
+        value in e4m3 without scales (576 B). See ``cache.py``.
     """
 
     model_type = "deepseek_v3"
@@ -103,6 +111,8 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     # --- plugin knobs -------------------------------------------------------------------------
     load_mtp: bool = True
     dequantize_fp8: bool = False
+    mla_impl: str = "auto"
+    latent_cache_format: str = "auto"
 
     def __post_init__(self, **kwargs):
         quant = kwargs.pop("quantization_config", None)
@@ -232,6 +242,12 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
             raise ValueError(
                 f"config field `topk_method` is {self.topk_method!r}; this package implements the "
                 f"aux-loss-free group-limited router, {_SUPPORTED_TOPK[0]!r}."
+            )
+        if self.mla_impl not in ("auto", "absorb", "expand"):
+            raise ValueError(f"config field `mla_impl` must be 'auto', 'absorb' or 'expand', got {self.mla_impl!r}.")
+        if self.latent_cache_format not in ("auto", "fp8", "fp8_plain"):
+            raise ValueError(
+                f"config field `latent_cache_format` must be 'auto', 'fp8' or 'fp8_plain', got {self.latent_cache_format!r}."
             )
         from transformers.activations import ACT2FN
 

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from . import loading
 from .attention import MLAttention
+from .cache import LatentCache, StaticLatentCache
 from .configuration import DeepseekV3PluginConfig
 from .fp8 import FP8Linear
 from .layers import RMSNorm, SwiGLUMLP
@@ -248,15 +249,16 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = LatentCache(config=self.config)
         if not use_cache:
             cache = None
 
         b, s = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
+        kv_len = cache.get_mask_sizes(s, 0)[0] if cache is not None else s
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
-        mask = build_attention_mask(attention_mask, b, s, past, inputs_embeds.device)
+        mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device)
         position_embeddings = self.rotary_emb(position_ids)
 
         hidden_states = inputs_embeds
@@ -276,31 +278,36 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int, device
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past, kv_len: int, device
 ) -> torch.Tensor | None:
-    """Boolean ``[B, 1, S, T]`` mask (True = may attend), or None when plain causal attention suffices.
+    """Boolean ``[B, 1, S, kv_len]`` mask (True = may attend), or None when plain causal attention suffices.
 
-    ``attention_mask`` is the usual ``[B, past + S]`` 0/1 padding mask (or an already-built 4-D boolean
-    mask, passed through). Query ``i`` sits at cache index ``past + i`` and sees keys ``j <= past + i``
-    that are not padding; a query on a padding token still sees itself, so its row never becomes all
-    ``-inf`` (its output is ignored but stays finite)."""
+    ``attention_mask`` is the usual ``[B, past + S]`` 0/1 padding mask, or an already-built 4-D mask
+    (boolean, or additive float with 0 = attend, as ``generate()`` builds for static caches). Query ``i``
+    sits at cache index ``past + i`` and sees keys ``j <= past + i`` that are not padding; ``kv_len``
+    exceeds ``past + S`` for a pre-allocated cache, whose unwritten slots are masked by position. A query
+    on a padding token still sees itself, so its row never becomes all ``-inf`` (its output is ignored
+    but stays finite)."""
+    q_pos = torch.arange(q_len, device=device)[:, None] + past  # (S, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T)
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
-    t = past + q_len
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask.to(device) | (k_pos == q_pos)[None, None]
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and (q_len == 1 or past == 0):
+    dense = isinstance(past, int) and kv_len == past + q_len
+    if dense and not padded and (q_len == 1 or past == 0):
         return None
-    q_pos = torch.arange(past, t, device=device)[:, None]  # (S, 1)
-    k_pos = torch.arange(t, device=device)[None, :]  # (1, T)
-    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, t)  # (B, 1, S, T)
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, S, T)
     if padded:
-        if attention_mask.shape[-1] != t:
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        if keep.shape[-1] < kv_len:  # pre-allocated cache: slots beyond the mask are masked by position
+            keep = torch.nn.functional.pad(keep, (0, kv_len - keep.shape[-1]), value=True)
+        elif keep.shape[-1] != kv_len:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens "
-                f"are {t}; pass the mask for the whole sequence so far."
+                f"are {kv_len}; pass the mask for the whole sequence so far."
             )
-        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-        mask = (mask & keep) | (k_pos == q_pos)[None, None]
+        mask = (mask & keep[:, None, None, :]) | (k_pos == q_pos)[None, None]
     return mask
 
 
@@ -319,6 +326,23 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """Give ``generate()`` the latent cache (transformers would build a K/V ``DynamicCache``).
+
+        ``cache_implementation="static"`` gets a pre-allocated :class:`StaticLatentCache` (for
+        ``torch.compile``); a user-passed cache, ``use_cache=False`` and anything else go to transformers."""
+        impl = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False or impl not in (None, "dynamic", "static"):
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if impl == "static":
+            if generation_config.max_cache_len is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            model_kwargs["cache"] = StaticLatentCache(self.config, max_cache_len=max_cache_length)
+        else:
+            model_kwargs["cache"] = LatentCache(config=self.config)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
