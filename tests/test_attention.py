@@ -94,6 +94,15 @@ def test_left_padded_batch_all_paths(tiny_fp8, impl):
     assert torch.equal(out[1, 4:], model.generate(short, max_new_tokens=8, do_sample=False)[0])
 
 
+@pytest.mark.parametrize("impl", PATHS)
+def test_generate_with_cache_equals_without_all_paths(tiny_fp8, impl):
+    model = load(tiny_fp8, mla_impl=impl)
+    ids = input_ids(2, 6)
+    a = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    b = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
 def test_auto_picks_absorb_for_decode_and_expand_for_long_prompts():
     v3 = dict(heads=128, nope=128, rope=64, v_dim=128, rank=512)
     assert absorb_is_cheaper(1, 4096, **v3) and absorb_is_cheaper(1, 16, **v3)
