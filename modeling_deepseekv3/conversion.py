@@ -216,6 +216,7 @@ def make_tiny_checkpoint(
     seed: int = 0,
     scale_fmt: str | None = None,
     overrides: dict | None = None,
+    tokenizer: bool = True,
 ) -> Path:
     """Write a random tiny model in the exact official layout and return its directory.
 
@@ -224,7 +225,9 @@ def make_tiny_checkpoint(
     blocks, power-of-two scales with ``scale_fmt="ue8m0"``) or BF16 weights; BF16 router weight, FP32
     router bias, per-expert keys, and (``mtp=True``) the MTP layer with its extras, its embedding and
     head copies of the main ones, all in the last shard as in the official files. ``overrides`` change
-    fields of :data:`TINY_CONFIG`. The directory is written under a temporary name and renamed at the end.
+    fields of :data:`TINY_CONFIG`. With ``tokenizer=True`` a small byte-level BPE with DeepSeek's special
+    tokens and chat template is saved alongside (so ``pipeline()`` and chat work), plus a greedy
+    ``generation_config.json``. The directory is written under a temporary name and renamed at the end.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
@@ -271,6 +274,14 @@ def make_tiny_checkpoint(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
+        if tokenizer and config.vocab_size >= 300:
+            from .tokenizer import build_tiny_tokenizer
+
+            tok = build_tiny_tokenizer(config.vocab_size)
+            tok.save_pretrained(staging)
+            generation["pad_token_id"] = tok.pad_token_id
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)

@@ -23,7 +23,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from . import loading
 from .attention import MLAttention
 from .cache import LatentCache, StaticLatentCache
-from .configuration import DeepseekV3PluginConfig
+from .configuration import DeepseekV3PluginConfig, KimiK2Config
 from .fp8 import FP8Linear
 from .layers import RMSNorm, SwiGLUMLP
 from .moe import DeepseekV3MoE, TopkRouter
@@ -35,6 +35,8 @@ __all__ = [
     "DeepseekV3PreTrainedModel",
     "DeepseekV3Model",
     "DeepseekV3ForCausalLM",
+    "KimiK2Model",
+    "KimiK2ForCausalLM",
 ]
 
 
@@ -327,6 +329,16 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = self.config.max_position_embeddings
+        if generation_config.max_length is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"The prompt ({input_ids_length} tokens) plus the tokens to generate make {generation_config.max_length} "
+                f"positions, more than this model's max_position_embeddings ({limit}). Shorten the prompt or lower "
+                "max_new_tokens."
+            )
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """Give ``generate()`` the latent cache (transformers would build a K/V ``DynamicCache``).
 
@@ -392,3 +404,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
         return out if return_dict is not False else out.to_tuple()
+
+
+class KimiK2Model(DeepseekV3Model):
+    """``DeepseekV3Model`` bound to ``KimiK2Config`` (transformers' Auto mappings key on the config class)."""
+
+    config_class = KimiK2Config
+
+
+class KimiK2ForCausalLM(DeepseekV3ForCausalLM):
+    config_class = KimiK2Config

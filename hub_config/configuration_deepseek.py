@@ -1,0 +1,1 @@
+../modeling_deepseekv3/hub_files/configuration_deepseek.py
