@@ -105,8 +105,22 @@ class KVBLinear(LatentAbsorbingProjection, nn.Linear):
 
 
 class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
+    """FP8 ``kv_b_proj``. The absorbed path needs the dense weight at every decode step; for inference
+    (``fp8_compute="auto"``, no autograd, weights resident -- not under an offload hook) the dequantized
+    weight is kept and reused while the FP8 tensors are unchanged: ``num_heads * 256 * kv_lora_rank``
+    values per layer (V3: 16.8M, 67 MB in FP32 / 34 MB in BF16), 1.1% of the model, instead of a
+    ~70 ms dequantization per layer per token on CPU."""
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantized_weight(dtype)
+        hook = getattr(self, "_hf_hook", None)
+        if self.compute == "dequant" or torch.is_grad_enabled() or getattr(hook, "offload", False):
+            return self.dequantized_weight(dtype)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight_scale_inv._version, dtype, self.weight.device)
+        cached = self.__dict__.get("_dense_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantized_weight(dtype))
+            self.__dict__["_dense_cache"] = cached
+        return cached[1]
 
     def to_dense(self, dtype: torch.dtype) -> KVBLinear:
         dense = KVBLinear(self.in_features, self.out_features, bias=False, device="meta")
@@ -117,7 +131,9 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
 
 def _make_kv_b_proj(config, in_features: int, out_features: int) -> nn.Module:
     if config.is_fp8:
-        layer = KVBFP8Linear(in_features, out_features, block_size=config.fp8_block_size)
+        layer = KVBFP8Linear(
+            in_features, out_features, block_size=config.fp8_block_size, compute=getattr(config, "fp8_compute", "auto")
+        )
     else:
         layer = KVBLinear(in_features, out_features, bias=False)
     layer.configure_heads(config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim)

@@ -36,7 +36,10 @@ def make_linear(config, in_features: int, out_features: int, bias: bool = False)
     exactly the tensors the official FP8 checkpoints store as float8 (spec §3.2). Router, embeddings,
     heads and MTP's ``eh_proj`` are never FP8 and are built directly."""
     if config.is_fp8:
-        return FP8Linear(in_features, out_features, bias=bias, block_size=config.fp8_block_size)
+        return FP8Linear(
+            in_features, out_features, bias=bias, block_size=config.fp8_block_size,
+            compute=getattr(config, "fp8_compute", "auto"),
+        )
     return nn.Linear(in_features, out_features, bias=bias)
 
 

@@ -123,24 +123,70 @@ class DeepseekV3MoE(nn.Module):
         return out_TD.view(shape)
 
     def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        """Sorted dispatch: one pass over the active experts, each on a contiguous slice of tokens."""
+        """Sorted dispatch: the T*K token-expert assignments sorted by expert once, each active expert run
+        on its contiguous slice, the weighted outputs summed back per token in float32."""
         t, k = idx_TK.shape
         flat_A = idx_TK.reshape(-1)
         order_A = flat_A.argsort(stable=True)
         token_A = order_A // k  # source token of each sorted assignment
-        counts = torch.bincount(flat_A, minlength=self.n_routed_experts).tolist()
+        counts_E = torch.bincount(flat_A, minlength=self.n_routed_experts)
+        active = counts_E.nonzero().flatten()
+        slices = list(zip(active.tolist(), counts_E[active].tolist()))  # the one host sync
         x_AD = x_TD.index_select(0, token_A)
         w_A1 = weight_TK.reshape(-1).index_select(0, order_A)[:, None]
+        if all(_is_plain_expert(self.experts[e], x_TD) for e, _ in slices):
+            y_AD = self._run_plain_experts(x_AD, slices)
+        else:
+            y_AD = self._run_expert_modules(x_AD, slices)
         out_TD = torch.zeros(t, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            y = self.experts[expert_id](x_AD[start:end])
-            out_TD.index_add_(0, token_A[start:end], y.float() * w_A1[start:end])
-            start = end
+        out_TD.index_add_(0, token_A, y_AD.float() * w_A1)
         return out_TD.to(x_TD.dtype)
+
+    def _run_expert_modules(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
+        """Each expert through its own module call: honours FP8 weights, PEFT wrappers, Accelerate hooks and
+        experts placed on other devices (their hooks move the activations; results come back here)."""
+        outs, start = [], 0
+        for expert_id, count in slices:
+            outs.append(self.experts[expert_id](x_AD[start : start + count]).to(x_AD.device))
+            start += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _run_plain_experts(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
+        """Fast path for dense, hook-free experts: per expert only the matmuls (written in place into
+        shared buffers); the activation, the gating product and the combine run once over all rows."""
+        a = x_AD.shape[0]
+        inter = self.experts[slices[0][0]].intermediate_size
+        gate_AI = x_AD.new_empty(a, inter)
+        up_AI = x_AD.new_empty(a, inter)
+        start = 0
+        for expert_id, count in slices:
+            expert, rows = self.experts[expert_id], slice(start, start + count)
+            torch.mm(x_AD[rows], expert.gate_proj.weight.t(), out=gate_AI[rows])
+            torch.mm(x_AD[rows], expert.up_proj.weight.t(), out=up_AI[rows])
+            start += count
+        h_AI = self.experts[slices[0][0]].act_fn(gate_AI).mul_(up_AI)
+        y_AD = x_AD.new_empty(a, x_AD.shape[1])
+        start = 0
+        for expert_id, count in slices:
+            rows = slice(start, start + count)
+            torch.mm(h_AI[rows], self.experts[expert_id].down_proj.weight.t(), out=y_AD[rows])
+            start += count
+        return y_AD
+
+
+def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
+    """Dense ``nn.Linear`` projections on ``x``'s device and dtype, no bias, no hooks of any kind."""
+    if expert._forward_hooks or expert._forward_pre_hooks or hasattr(expert, "_hf_hook"):
+        return False
+    for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
+        if type(proj) is not nn.Linear or proj.bias is not None or hasattr(proj, "_hf_hook"):
+            return False
+        if proj._forward_hooks or proj._forward_pre_hooks:
+            return False
+        w = proj.weight
+        if w.device != x.device or w.dtype != x.dtype or w.requires_grad and torch.is_grad_enabled():
+            return False
+    return True
 
 
 def moe_reference(moe: DeepseekV3MoE, hidden_states: torch.Tensor) -> torch.Tensor:
