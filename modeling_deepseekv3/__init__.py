@@ -14,6 +14,7 @@ from .modeling import (
     KimiK2ForCausalLM,
     KimiK2Model,
 )
+from .placement import plan_device_map, plan_placement
 from .registration import register
 from .tokenizer import build_tiny_tokenizer, deepseek_v3_tokenizer, load_tokenizer
 from .conversion import checkpoint_layout, convert_checkpoint, make_tiny_checkpoint
@@ -41,5 +42,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "deepseek_v3_tokenizer",
     "load_tokenizer",
+    "plan_device_map",
+    "plan_placement",
     "register",
 ]

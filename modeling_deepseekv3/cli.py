@@ -5,6 +5,7 @@ Subcommands:
   chat              interactive chat in the terminal, streamed, with a stats line per reply
   convert           FP8 <-> BF16 conversion of an official-layout checkpoint, shard by shard, resumable
   make-tiny         write a small random checkpoint in the exact official layout
+  plan              plan a device map (GPUs / CPU / disk, expert granularity) and print a fit report
   install-hub-files put the trust_remote_code shims into a checkout (originals kept as *.orig)
 """
 
@@ -98,6 +99,39 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print("assistant> ", end="", flush=True)
         reply = _stream(model, tok, text, args)
         messages.append({"role": "assistant", "content": reply})
+
+
+def _parse_gpus(spec: str | None) -> dict:
+    """``"8x80GiB"`` or ``"80GiB,80GiB,40GiB"`` -> {0: "80GiB", ...}."""
+    if not spec:
+        return {}
+    if "x" in spec.split(",")[0] and spec.split("x")[0].isdigit():
+        count, size = spec.split("x", 1)
+        return {i: size for i in range(int(count))}
+    return {i: size for i, size in enumerate(spec.split(","))}
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .placement import plan_placement
+
+    max_memory = _parse_gpus(args.gpus)
+    if args.cpu:
+        max_memory["cpu"] = args.cpu
+    if args.disk:
+        max_memory["disk"] = args.disk
+    plan = plan_placement(
+        args.config, max_memory, strategy=args.strategy, dtype=getattr(torch, args.dtype),
+        context_tokens=args.context, batch_size=args.batch_size,
+    )
+    print(plan.report())
+    if args.output:
+        import json
+
+        Path(args.output).write_text(json.dumps(plan.device_map, indent=1))
+        print(f"device map written to {args.output} (pass it as from_pretrained(device_map=json.load(...)))")
+    return 0 if plan.fits else 1
 
 
 def _cmd_install_hub_files(args: argparse.Namespace) -> int:
@@ -221,6 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scale-fmt", choices=("ue8m0",), default=None, help="power-of-two FP8 scales (V3.1 style)")
     p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("plan", help="plan a device map and print a fit report", description=(
+        "Plan where every part of the model goes (GPUs, CPU RAM, disk) at expert granularity and report bytes "
+        "per device, what does not fit, and what to change. Exit status 1 when it does not fit."))
+    p.add_argument("config", help="checkpoint directory, config.json, or a hub_config/<model> directory")
+    p.add_argument("--gpus", default=None, help="GPU budgets: '8x80GiB' or '80GiB,80GiB'")
+    p.add_argument("--cpu", default=None, help="CPU RAM budget, e.g. '1500GiB'")
+    p.add_argument("--disk", default=None, help="disk budget for offloaded experts, e.g. '4TiB'")
+    p.add_argument("--strategy", choices=("layers", "experts", "cpu-experts"), default="experts")
+    p.add_argument("--context", type=int, default=0, help="tokens of latent cache to reserve per sequence")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="load dtype of the non-FP8 tensors (default bfloat16)")
+    p.add_argument("--output", default=None, help="write the device map as JSON here")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("install-hub-files", help="add the trust_remote_code shims to a checkout", description=(
         "Copy configuration_deepseek.py and modeling_deepseek.py (the names the official config.json's auto_map "

@@ -56,6 +56,10 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         reference; used for training and on GPUs either way). "auto": for inference on CPU, compiled
         kernels (torch.compile) that convert the FP8 codes inside the matmul -- 20x faster at decode; the
         first call compiles for a few seconds; without a working compiler it falls back with a warning.
+    ``moe_grouped_experts`` (bool, default True)
+        For inference with dense (BF16/FP32) experts, on a layer's first call re-home its experts' weights
+        into two stacked buffers (parameters become views; names and saving unchanged) and run each layer's
+        experts as two grouped matmuls. Not used for FP8 experts, training, or experts spread over devices.
     ``mla_impl`` ("auto" | "absorb" | "expand", default "auto")
         Which latent-attention path runs: "expand" re-expands K/V from the cached latent (the reference;
         fast for long prompts), "absorb" attends over the latent itself (decode cost nearly flat in
@@ -117,6 +121,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     load_mtp: bool = True
     dequantize_fp8: bool = False
     fp8_compute: str = "auto"
+    moe_grouped_experts: bool = True
     mla_impl: str = "auto"
     latent_cache_format: str = "auto"
 

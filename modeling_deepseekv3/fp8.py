@@ -169,7 +169,11 @@ def _run_compiled(name: str, fn, *args):
     return None so the caller takes the eager path for the rest of the process."""
     global _COMPILE_BROKEN
     try:
-        return _compiled(name, fn)(*args)
+        # one kernel per (few rows vs one row) x (aligned vs partial blocks) x ...: more variants than
+        # dynamo's default limit of 8 across a model's weight shapes; beyond it dynamo would silently run
+        # eager. The limit is raised only while this call runs.
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return _compiled(name, fn)(*args)
     except Exception as exc:  # noqa: BLE001 -- any compile failure must degrade, not break inference
         _COMPILE_BROKEN = True
         warnings.warn(
@@ -185,7 +189,11 @@ def fp8_linear(x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: 
     """``F.linear(x, dequant(weight))`` choosing the fastest exact-enough path (see above)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if 0 < rows <= FUSED_MAX_ROWS and _fast_path_ok(x, mode):
-        out = _run_compiled("matmul", fp8_matmul_reference, x.reshape(rows, x.shape[-1]), weight, scale_inv, block_size)
+        # plain tensors, not Parameters: dynamo keeps parameter shapes static, which would recompile the
+        # kernel for every weight shape (and give up after 8)
+        out = _run_compiled(
+            "matmul", fp8_matmul_reference, x.reshape(rows, x.shape[-1]), weight.detach(), scale_inv.detach(), block_size
+        )
         if out is not None:
             out = out.view(*x.shape[:-1], weight.shape[0])
             return out + bias.to(x.dtype) if bias is not None else out

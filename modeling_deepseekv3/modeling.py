@@ -125,8 +125,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    # Whole decoder layers by default; the MoE placement issue refines this to expert granularity.
-    _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"]
+    # The units Accelerate must keep on one device: the attention block, each MLP (dense, shared, and every
+    # routed expert), the router. Decoder layers themselves may be split, so device_map="auto" can spread
+    # one MoE layer's experts over devices and offload them one by one.
+    _no_split_modules = ["MLAttention", "SwiGLUMLP", "TopkRouter"]
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     _supports_sdpa = True
     _skip_keys_device_placement = ["cache"]

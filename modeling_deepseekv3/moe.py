@@ -29,6 +29,9 @@ from .layers import SwiGLUMLP
 
 __all__ = ["TopkRouter", "DeepseekV3MoE", "route_tokens", "moe_reference"]
 
+# torch >= 2.8 ships a grouped matmul (a loop of GEMMs in C++ on CPU, one kernel on recent GPUs)
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
 
 def route_tokens(
     logits_TE: torch.Tensor,
@@ -45,12 +48,12 @@ def route_tokens(
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
     t, e = choice_TE.shape
     if n_group > 1 and topk_group < n_group:
-        group_TG = choice_TE.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)
+        group_TG = choice_TE.view(t, n_group, e // n_group).topk(2, dim=-1, sorted=False).values.sum(dim=-1)
         keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1).indices, True)
+        keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1, sorted=False).indices, True)
         keep_TE = keep_TG[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-    topk_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+    topk_idx_TK = choice_TE.topk(top_k, dim=-1, sorted=False).indices
     weight_TK = scores_TE.gather(1, topk_idx_TK)
     if norm_topk_prob and top_k > 1:
         weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -124,20 +127,27 @@ class DeepseekV3MoE(nn.Module):
 
     def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """Sorted dispatch: the T*K token-expert assignments sorted by expert once, each active expert run
-        on its contiguous slice, the weighted outputs summed back per token in float32."""
+        on its contiguous slice (or all of them as two grouped matmuls when stacked), the weighted outputs
+        summed back per token in float32."""
         t, k = idx_TK.shape
         flat_A = idx_TK.reshape(-1)
         order_A = flat_A.argsort(stable=True)
         token_A = order_A // k  # source token of each sorted assignment
         counts_E = torch.bincount(flat_A, minlength=self.n_routed_experts)
-        active = counts_E.nonzero().flatten()
-        slices = list(zip(active.tolist(), counts_E[active].tolist()))  # the one host sync
         x_AD = x_TD.index_select(0, token_A)
         w_A1 = weight_TK.reshape(-1).index_select(0, order_A)[:, None]
-        if all(_is_plain_expert(self.experts[e], x_TD) for e, _ in slices):
-            y_AD = self._run_plain_experts(x_AD, slices)
+        active = counts_E.nonzero().flatten().tolist()  # the one host sync
+        if self._stack_intact(x_TD, active):
+            y_AD = self._run_stacked_experts(x_AD, counts_E)
         else:
-            y_AD = self._run_expert_modules(x_AD, slices)
+            slices = list(zip(active, counts_E[active].tolist()))
+            if all(_is_plain_expert(self.experts[e], x_TD) for e in active):
+                if self._may_stack() and self.stack_experts():  # first inference call: stack once
+                    y_AD = self._run_stacked_experts(x_AD, counts_E)
+                else:
+                    y_AD = self._run_plain_experts(x_AD, slices)
+            else:
+                y_AD = self._run_expert_modules(x_AD, slices)
         out_TD = torch.zeros(t, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
         out_TD.index_add_(0, token_A, y_AD.float() * w_A1)
         return out_TD.to(x_TD.dtype)
@@ -174,7 +184,78 @@ class DeepseekV3MoE(nn.Module):
         return y_AD
 
 
-def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
+    # -- grouped path --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stack_experts(self) -> bool:
+        """Re-home the dense expert weights into two stacked buffers, ``gate_up [E, 2I, D]`` and
+        ``down [E, D, I]``; each expert's parameters become views into them (names, state_dict and saving
+        unchanged). Inference then runs two grouped matmuls per layer (gate and up fused) instead of three
+        matmuls per active expert: measured 10-25% faster on CPU (benchmarks/moe.py). Returns False and
+        changes nothing unless every expert is a dense, hook-free ``nn.Linear`` trio on one device."""
+        experts = list(self.experts)
+        probe = experts[0].gate_proj.weight
+        if _GROUPED_MM is None:
+            return False
+        if not all(_is_plain_expert(e, probe, for_stacking=True) for e in experts):
+            return False
+        n, inter, hidden = len(experts), experts[0].intermediate_size, experts[0].hidden_size
+        gate_up = probe.new_empty(n, 2 * inter, hidden)
+        down = probe.new_empty(n, hidden, inter)
+        params = []
+        for i, e in enumerate(experts):
+            gate_up[i, :inter].copy_(e.gate_proj.weight)
+            gate_up[i, inter:].copy_(e.up_proj.weight)
+            down[i].copy_(e.down_proj.weight)
+            e.gate_proj.weight = nn.Parameter(gate_up[i, :inter], requires_grad=e.gate_proj.weight.requires_grad)
+            e.up_proj.weight = nn.Parameter(gate_up[i, inter:], requires_grad=e.up_proj.weight.requires_grad)
+            e.down_proj.weight = nn.Parameter(down[i], requires_grad=e.down_proj.weight.requires_grad)
+            params.append((e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
+        self.__dict__["_stacked"] = (gate_up, down, params)
+        return True
+
+    def _may_stack(self) -> bool:
+        return (
+            "_stacked" not in self.__dict__
+            and getattr(self.config, "moe_grouped_experts", True)
+            and not torch.is_grad_enabled()
+            and _GROUPED_MM is not None
+        )
+
+    def _stack_intact(self, x: torch.Tensor, active: list[int]) -> bool:
+        """Stacked, no autograd, and the active experts' parameters still the views made by
+        :meth:`stack_experts` (replaced modules -- PEFT -- or moved parameters -- ``.to()``, Accelerate --
+        end the stacking). Inactive experts are not read by the grouped matmul."""
+        stacked = self.__dict__.get("_stacked")
+        if stacked is None or torch.is_grad_enabled():
+            return False
+        gate_up, down, params = stacked
+        if gate_up.device != x.device or gate_up.dtype != x.dtype:
+            return False
+        experts = self.experts._modules
+        for e in active:
+            m = experts[str(e)]._modules
+            g, u, d = params[e]
+            if (
+                m["gate_proj"]._parameters["weight"] is not g
+                or m["up_proj"]._parameters["weight"] is not u
+                or m["down_proj"]._parameters["weight"] is not d
+                or m["gate_proj"]._forward_pre_hooks
+                or m["down_proj"]._forward_pre_hooks
+            ):
+                del self.__dict__["_stacked"]
+                return False
+        return True
+
+    def _run_stacked_experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        gate_up, down, _ = self.__dict__["_stacked"]
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        inter = down.shape[-1]
+        h = _GROUPED_MM(x_AD, gate_up.transpose(1, 2), offs=offsets)  # (A, 2I)
+        h = self.experts[0].act_fn(h[:, :inter]).mul_(h[:, inter:])  # (A, I)
+        return _GROUPED_MM(h, down.transpose(1, 2), offs=offsets)  # (A, D)
+
+
+def _is_plain_expert(expert: nn.Module, x: torch.Tensor, for_stacking: bool = False) -> bool:
     """Dense ``nn.Linear`` projections on ``x``'s device and dtype, no bias, no hooks of any kind."""
     if expert._forward_hooks or expert._forward_pre_hooks or hasattr(expert, "_hf_hook"):
         return False
@@ -184,7 +265,9 @@ def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
         if proj._forward_hooks or proj._forward_pre_hooks:
             return False
         w = proj.weight
-        if w.device != x.device or w.dtype != x.dtype or w.requires_grad and torch.is_grad_enabled():
+        if w.device != x.device or w.dtype != x.dtype or w.is_meta:
+            return False
+        if not for_stacking and w.requires_grad and torch.is_grad_enabled():
             return False
     return True
 
