@@ -230,6 +230,9 @@ class DeepseekV3MoE(nn.Module):
             return False
         gate_up, down, params = stacked
         if gate_up.device != x.device or gate_up.dtype != x.dtype:
+            # the inputs moved or changed dtype: the weights did (plain experts match their inputs), or the
+            # layer is being misused; either way the stack is stale
+            del self.__dict__["_stacked"]
             return False
         experts = self.experts._modules
         for e in active:

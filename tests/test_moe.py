@@ -105,3 +105,42 @@ def test_router_computes_in_fp32_for_bf16_inputs(moe):
     idx, w, logits = moe.gate(x)
     assert w.dtype == torch.float32 and logits.dtype == torch.float32
     torch.testing.assert_close(logits, x.float() @ moe.gate.weight.T)
+
+
+@pytest.mark.parametrize("path", ["stacked", "plain_loop", "modules"])
+def test_every_dispatch_path_equals_the_reference(moe, path):
+    """Inference picks the grouped matmul on stacked weights; without stacking, per-expert matmuls on
+    plain weights; with hooks or autograd, the expert modules themselves. All equal the reference."""
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        ref = moe_reference(moe, x)
+    moe.config.moe_grouped_experts = path == "stacked"
+    calls = []
+    if path == "modules":
+        moe.experts[0].register_forward_hook(lambda *a: calls.append(1))
+        moe.gate.e_score_correction_bias[0] = 5.0  # make sure expert 0 is used
+        with torch.no_grad():
+            ref = moe_reference(moe, x)
+        calls.clear()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with torch.no_grad():
+        out = moe(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert ("_stacked" in moe.__dict__) == (path == "stacked")
+    assert (len(calls) > 0) == (path == "modules")
+    after = moe.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    moe.config.moe_grouped_experts = True
+
+
+def test_stacking_ends_when_weights_change(moe):
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        moe(x)
+        assert "_stacked" in moe.__dict__
+        gate_up = moe.__dict__["_stacked"][0]
+        assert moe.experts[3].gate_proj.weight.data_ptr() == gate_up[3].data_ptr()
+        moe.to(torch.float64)  # every parameter replaced
+        out = moe(x.double())
+    assert "_stacked" not in moe.__dict__
+    torch.testing.assert_close(out, moe_reference(moe, x.double()))
