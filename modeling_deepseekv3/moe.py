@@ -194,7 +194,8 @@ class DeepseekV3MoE(nn.Module):
         changes nothing unless every expert is a dense, hook-free ``nn.Linear`` trio on one device."""
         experts = list(self.experts)
         probe = experts[0].gate_proj.weight
-        if _GROUPED_MM is None:
+        self.__dict__["_stacked"] = None  # tried: not retried automatically (call again to re-stack)
+        if _GROUPED_MM is None or probe.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
         if not all(_is_plain_expert(e, probe, for_stacking=True) for e in experts):
             return False
@@ -232,7 +233,7 @@ class DeepseekV3MoE(nn.Module):
         if gate_up.device != x.device or gate_up.dtype != x.dtype:
             # the inputs moved or changed dtype: the weights did (plain experts match their inputs), or the
             # layer is being misused; either way the stack is stale
-            del self.__dict__["_stacked"]
+            self.__dict__.pop("_stacked")
             return False
         experts = self.experts._modules
         for e in active:
@@ -245,7 +246,7 @@ class DeepseekV3MoE(nn.Module):
                 or m["gate_proj"]._forward_pre_hooks
                 or m["down_proj"]._forward_pre_hooks
             ):
-                del self.__dict__["_stacked"]
+                self.__dict__.pop("_stacked")
                 return False
         return True
 

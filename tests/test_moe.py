@@ -126,7 +126,7 @@ def test_every_dispatch_path_equals_the_reference(moe, path):
     with torch.no_grad():
         out = moe(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert ("_stacked" in moe.__dict__) == (path == "stacked")
+    assert (moe.__dict__.get("_stacked") is not None) == (path == "stacked")
     assert (len(calls) > 0) == (path == "modules")
     after = moe.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -137,10 +137,9 @@ def test_stacking_ends_when_weights_change(moe):
     x = torch.randn(5, 256)
     with torch.no_grad():
         moe(x)
-        assert "_stacked" in moe.__dict__
         gate_up = moe.__dict__["_stacked"][0]
         assert moe.experts[3].gate_proj.weight.data_ptr() == gate_up[3].data_ptr()
         moe.to(torch.float64)  # every parameter replaced
         out = moe(x.double())
-    assert "_stacked" not in moe.__dict__
+    assert moe.__dict__.get("_stacked") is None  # grouped matmul has no float64: per-expert matmuls
     torch.testing.assert_close(out, moe_reference(moe, x.double()))
