@@ -148,8 +148,9 @@ class DeepseekV3MoE(nn.Module):
                     y_AD = self._run_plain_experts(x_AD, slices)
             else:
                 y_AD = self._run_expert_modules(x_AD, slices)
-        out_TD = torch.zeros(t, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        out_TD.index_add_(0, token_A, y_AD.float() * w_A1)
+        acc = torch.promote_types(x_TD.dtype, torch.float32)  # combine in (at least) float32
+        out_TD = torch.zeros(t, x_TD.shape[-1], dtype=acc, device=x_TD.device)
+        out_TD.index_add_(0, token_A, y_AD.to(acc) * w_A1.to(acc))
         return out_TD.to(x_TD.dtype)
 
     def _run_expert_modules(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
