@@ -284,9 +284,9 @@ def moe_reference(moe: DeepseekV3MoE, hidden_states: torch.Tensor) -> torch.Tens
     idx_TK, weight_TK, _ = moe.gate(x_TD)
     rows = []
     for t in range(x_TD.shape[0]):
-        acc = torch.zeros(x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        acc = torch.zeros(x_TD.shape[-1], dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
         for j in range(idx_TK.shape[1]):
-            acc += weight_TK[t, j] * moe.experts[int(idx_TK[t, j])](x_TD[t : t + 1])[0].float()
+            acc += weight_TK[t, j] * moe.experts[int(idx_TK[t, j])](x_TD[t : t + 1])[0].to(acc.dtype)
         rows.append(acc.to(x_TD.dtype))
     out_TD = torch.stack(rows)
     if moe.shared_experts is not None:
