@@ -141,6 +141,22 @@ def main():
             print(f"  {str(dtype)[6:]:8s} T={t:4d}: FP8-resident {t_fp8 * 1e3:8.2f} ms, "
                   f"{str(dense_c.experts[0].up_proj.weight.dtype)[6:]}-resident {t_dense * 1e3:8.2f} ms "
                   f"({t_fp8 / t_dense:.2f}x the time)")
+    bench_fp8_linear()
+
+
+def bench_fp8_linear():
+    """One FP8 linear of V3's expert-like shape 2048x7168: compiled fused kernel vs dequantize + matmul."""
+    print("[FP8Linear 2048x7168, fp32 compute: fp8_compute='auto' (compiled) vs 'dequant' (eager reference)]")
+    fast = ds.FP8Linear(7168, 2048)
+    fast.set_dense_weight(torch.randn(2048, 7168) / 7168**0.5)
+    ref = ds.FP8Linear(7168, 2048, compute="dequant")
+    ref.load_state_dict(fast.state_dict())
+    for rows in (1, 8, 24, 64):
+        x = torch.randn(rows, 7168)
+        with torch.no_grad():
+            times = compare({"auto": lambda: fast(x), "dequant": lambda: ref(x)}, rounds=3)
+        print(f"  rows {rows:3d}: auto {times['auto'] * 1e3:7.2f} ms, dequant {times['dequant'] * 1e3:7.2f} ms "
+              f"({times['dequant'] / times['auto']:.1f}x)")
 
 
 if __name__ == "__main__":
