@@ -132,7 +132,8 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
 def _make_kv_b_proj(config, in_features: int, out_features: int) -> nn.Module:
     if config.is_fp8:
         layer = KVBFP8Linear(
-            in_features, out_features, block_size=config.fp8_block_size, compute=getattr(config, "fp8_compute", "auto")
+            in_features, out_features, block_size=config.fp8_block_size, compute=getattr(config, "fp8_compute", "auto"),
+            scale_fmt=config.fp8_scale_fmt,
         )
     else:
         layer = KVBLinear(in_features, out_features, bias=False)

@@ -31,7 +31,12 @@ _SUPPORTED_TOPK = ("noaux_tc",)
 _MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
 # Fields derived from others; recomputed on load, never written to config.json.
-_DERIVED_FIELDS = ("qk_head_dim", "head_dim")
+_DERIVED_FIELDS = ("qk_head_dim", "head_dim", "_checkpoint_model_type")
+
+#: ``model.config.model_type`` of a built model. PEFT 0.21 rewrites LoRA targets for "deepseek_v3" into
+#: fused-expert parameters this model does not have (dropping every MLP/expert target); a model built by
+#: this package reports this value at run time instead. config.json keeps the official model_type.
+RUNTIME_MODEL_TYPE = "deepseek_v3_latent"
 
 
 class DeepseekV3PluginConfig(PreTrainedConfig):
@@ -60,6 +65,11 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         For inference with dense (BF16/FP32) experts, on a layer's first call re-home its experts' weights
         into two stacked buffers (parameters become views; names and saving unchanged) and run each layer's
         experts as two grouped matmuls. Not used for FP8 experts, training, or experts spread over devices.
+    ``balance_loss_alpha`` (float, default 1e-4), ``routing_bias_update_rate`` (float, default 0.0),
+    ``mtp_loss_weight`` (float, default 0.1)
+        MoE training controls (``training.py``): the sequence-wise balance loss weight (the official
+        ``aux_loss_alpha`` 0.001 is a stale default, spec §9.2), the aux-loss-free bias update rate
+        (gamma; 0 = off), and the weight of the MTP loss when the MTP layer is loaded.
     ``mla_impl`` ("auto" | "absorb" | "expand", default "auto")
         Which latent-attention path runs: "expand" re-expands K/V from the cached latent (the reference;
         fast for long prompts), "absorb" attends over the latent itself (decode cost nearly flat in
@@ -121,11 +131,17 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     load_mtp: bool = True
     dequantize_fp8: bool = False
     fp8_compute: str = "auto"
+    balance_loss_alpha: float = 1e-4
+    routing_bias_update_rate: float = 0.0
+    mtp_loss_weight: float = 0.1
     moe_grouped_experts: bool = True
     mla_impl: str = "auto"
     latent_cache_format: str = "auto"
 
     def __post_init__(self, **kwargs):
+        own_type = kwargs.get("model_type", self.__dict__.get("model_type"))
+        if own_type in _MODEL_TYPES:
+            self._checkpoint_model_type = own_type  # e.g. Kimi-K2's "kimi_k2", written back on save
         quant = kwargs.pop("quantization_config", None)
         self.fp8_quantization_config = None
         if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
@@ -295,9 +311,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         """Serialize in the official layout: legacy ``rope_scaling``/``rope_theta`` (what vLLM, SGLang and
         older transformers read), ``quantization_config`` re-emitted, derived fields dropped."""
         out = super().to_dict()
-        own_type = self.__dict__.get("model_type")
-        if own_type in _MODEL_TYPES:
-            out["model_type"] = own_type  # Kimi-K2 keeps "kimi_k2"
+        out["model_type"] = self.__dict__.get("_checkpoint_model_type") or type(self).model_type
         for name in _DERIVED_FIELDS:
             out.pop(name, None)
         fp8 = out.pop("fp8_quantization_config", None)

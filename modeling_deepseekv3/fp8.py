@@ -185,8 +185,29 @@ def _run_compiled(name: str, fn, *args):
         return None
 
 
+class _FP8LinearFunction(torch.autograd.Function):
+    """``x @ dequant(W).T`` whose backward re-dequantizes ``W`` instead of keeping the dense copy: autograd
+    would otherwise save the dequantized weight of every FP8 layer for the backward pass (4 bytes per
+    parameter in FP32 -- more memory than a dense model, whose weights are saved by reference)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale_inv, block_size):
+        ctx.save_for_backward(weight, scale_inv)
+        ctx.block_size = block_size
+        return F.linear(x, block_dequantize(weight, scale_inv, block_size, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale_inv = ctx.saved_tensors
+        w = block_dequantize(weight, scale_inv, ctx.block_size, grad_out.dtype)
+        return grad_out @ w, None, None, None
+
+
 def fp8_linear(x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto") -> torch.Tensor:
     """``F.linear(x, dequant(weight))`` choosing the fastest exact-enough path (see above)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _FP8LinearFunction.apply(x, weight, scale_inv, tuple(block_size))
+        return out + bias.to(x.dtype) if bias is not None else out
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if 0 < rows <= FUSED_MAX_ROWS and _fast_path_ok(x, mode):
         # plain tensors, not Parameters: dynamo keeps parameter shapes static, which would recompile the
@@ -230,9 +251,12 @@ class FP8Linear(nn.Module):
         device=None,
         dtype=None,
         compute: str = "auto",
+        scale_fmt: str | None = None,
     ):
         super().__init__()
         self.compute = compute
+        self.scale_fmt = scale_fmt  # "ue8m0": requantization (LoRA merge) keeps power-of-two scales
+        self.compute_dtype = dtype  # read by PEFT to create adapters in the compute dtype
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = tuple(int(b) for b in block_size)

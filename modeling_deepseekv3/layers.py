@@ -38,7 +38,7 @@ def make_linear(config, in_features: int, out_features: int, bias: bool = False)
     if config.is_fp8:
         return FP8Linear(
             in_features, out_features, bias=bias, block_size=config.fp8_block_size,
-            compute=getattr(config, "fp8_compute", "auto"),
+            compute=getattr(config, "fp8_compute", "auto"), scale_fmt=config.fp8_scale_fmt,
         )
     return nn.Linear(in_features, out_features, bias=bias)
 

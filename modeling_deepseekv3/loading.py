@@ -227,7 +227,17 @@ def _checkpoint_keys_for(path, kwargs) -> list[str] | None:
 
 
 def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
-    """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present)."""
+    """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present); sets
+    aside a 4-bit bitsandbytes request for an FP8 checkpoint (applied after loading, see qlora.py)."""
+    from .qlora import is_4bit_request
+
+    if is_4bit_request(kwargs.get("quantization_config")):
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = cls.config_class.from_pretrained(config or path)
+        if config.is_fp8:
+            kwargs = dict(kwargs)
+            kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
     keys = _checkpoint_keys_for(os.fspath(path), kwargs)
     if keys is None or "load_mtp" in kwargs:
         return kwargs
@@ -333,9 +343,11 @@ def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config)
 def finalize_loaded_model(model) -> None:
     """FP8 tensors never require grad (transformers re-wraps loaded params with requires_grad=True);
     honour ``dequantize_fp8``; keep CPU-mapped experts computing on the CPU in GPU+CPU layouts."""
+    compute_dtype = model.get_input_embeddings().weight.dtype
     for module in model.fp8_modules().values():
         module.weight.requires_grad_(False)
         module.weight_scale_inv.requires_grad_(False)
+        module.compute_dtype = compute_dtype
     if getattr(model.config, "dequantize_fp8", False) and model.config.is_fp8:
         model.dequantize_fp8()
     compute_cpu_experts_on_cpu(model)

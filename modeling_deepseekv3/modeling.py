@@ -17,13 +17,13 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from . import loading
 from .attention import MLAttention
 from .cache import LatentCache, StaticLatentCache
-from .configuration import DeepseekV3PluginConfig, KimiK2Config
+from .configuration import RUNTIME_MODEL_TYPE, DeepseekV3PluginConfig, KimiK2Config
 from .fp8 import FP8Linear
 from .layers import RMSNorm, SwiGLUMLP
 from .moe import DeepseekV3MoE, TopkRouter
@@ -133,6 +133,13 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _skip_keys_device_placement = ["cache"]
 
+    def __init__(self, config: DeepseekV3PluginConfig, *args, **kwargs):
+        # see RUNTIME_MODEL_TYPE: keeps PEFT from rewriting expert LoRA targets; saving writes the official type
+        if "_checkpoint_model_type" not in config.__dict__:
+            config._checkpoint_model_type = type(config).model_type
+        config.model_type = RUNTIME_MODEL_TYPE
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, FP8Linear):
@@ -160,8 +167,13 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         without ``weight_scale_inv``, wrong shapes or dtypes) -- so no half-built model is returned.
         ``load_mtp`` defaults to loading the MTP layer only when the checkpoint has it."""
         kwargs = loading.prepare_from_pretrained(cls, pretrained_model_name_or_path, kwargs)
+        deferred_4bit = kwargs.pop("_deferred_4bit", None)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         loading.finalize_loaded_model(model)
+        if deferred_4bit is not None:  # FP8 checkpoint -> QLoRA base: dequantize and 4-bit each projection
+            from .qlora import quantize_linears_4bit
+
+            quantize_linears_4bit(model, deferred_4bit)
         return model
 
     @staticmethod
@@ -382,7 +394,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -399,13 +411,34 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         else:
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
-        loss = None
+        loss = aux_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            aux_loss = self._training_losses(input_ids, outputs.last_hidden_state, labels, attention_mask)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        out = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _training_losses(self, input_ids, hidden, labels, attention_mask) -> torch.Tensor | None:
+        """Balance loss (training only) and MTP loss (with the MTP layer loaded); see training.py."""
+        from . import training
+
+        terms = []
+        alpha = getattr(self.config, "balance_loss_alpha", 0.0)
+        if self.training and alpha:
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            for layer in self.model.layers[: self.config.num_hidden_layers]:
+                routing = getattr(layer.mlp, "last_routing", None)
+                if routing is not None:
+                    terms.append(training.balance_loss(*routing, batch=hidden.shape[0], alpha=alpha, mask_BS=mask))
+        weight = getattr(self.config, "mtp_loss_weight", 0.0)
+        if weight and self.model.mtp_layers and input_ids is not None:
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            terms.append(weight * training.mtp_loss(self, input_ids, hidden, labels, mask))
+        return torch.stack(terms).sum() if terms else None
 
 
 class KimiK2Model(DeepseekV3Model):

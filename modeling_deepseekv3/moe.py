@@ -116,10 +116,20 @@ class DeepseekV3MoE(nn.Module):
             else None
         )
 
+    # training.py reads these: token counts per expert (when tracked) and the last routing (in training)
+    track_load = False
+    expert_load: torch.Tensor | None = None
+    last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        idx_TK, weight_TK, _ = self.gate(x_TD)
+        idx_TK, weight_TK, logits_TE = self.gate(x_TD)
+        if self.track_load:
+            with torch.no_grad():
+                counts = torch.bincount(idx_TK.flatten(), minlength=self.n_routed_experts)
+                self.expert_load = counts if self.expert_load is None else self.expert_load + counts
+        self.last_routing = (idx_TK, logits_TE) if self.training and torch.is_grad_enabled() else None
         out_TD = self.dispatch(x_TD, idx_TK, weight_TK)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)

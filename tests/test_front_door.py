@@ -249,6 +249,19 @@ def test_cli_rejects_a_tokenizer_larger_than_the_model(tiny_fp8, tmp_path):
     assert cli(["generate", str(path), "--prompt", "x"]) == 2  # falls back to the 128K tokenizer: refused
 
 
+def test_finetune_example_learns(tmp_path):
+    source = ROOT / "examples" / "finetune_lora.py"
+    assert len(source.read_text().splitlines()) <= 100
+    proc = subprocess.run([sys.executable, str(source), "--model", str(tmp_path / "tiny"), "--output", str(tmp_path / "adapter")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith(("before", "after", "loss")))
+    first, last = (float(v) for v in lines["loss"].split("(")[0].split("->"))
+    assert last < 0.5 * first
+    assert lines["before"].strip() != lines["after"].strip()
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
 @pytest.mark.parametrize("script,stdin", [("generate.py", None), ("chat.py", "Hello!\nHow are you?\n/exit\n")])
 def test_examples_run(script, stdin, tmp_path):
     source = ROOT / "examples" / script

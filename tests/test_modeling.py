@@ -202,7 +202,12 @@ def test_labels_loss_logits_to_keep_hidden_states(tiny_fp8):
     ids = input_ids(batch=2, seq=10)
     out = model(ids, labels=ids, output_hidden_states=True)
     ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
-    torch.testing.assert_close(out.loss, ref)
+    # eval mode: the loss is the LM loss plus the MTP term (the MTP layer is loaded); no balance loss
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, ref + out.aux_loss)
+    plain = load(tiny_fp8, mtp_loss_weight=0.0)(ids, labels=ids)
+    assert plain.aux_loss is None
+    torch.testing.assert_close(plain.loss, ref)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     last = model(ids, logits_to_keep=1).logits
     assert last.shape == (2, 1, model.config.vocab_size)
