@@ -207,6 +207,9 @@ def _has_mtp_keys(keys, config) -> bool:
     return any(k.startswith(prefixes) for k in keys)
 
 
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+
+
 def _checkpoint_keys_for(path, kwargs) -> list[str] | None:
     """Tensor names of a local directory (full header check) or, for a Hub id, from its index."""
     if os.path.isdir(path):
@@ -216,7 +219,7 @@ def _checkpoint_keys_for(path, kwargs) -> list[str] | None:
     try:
         from transformers.utils import cached_file
 
-        download = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        download = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         index = cached_file(path, INDEX_NAME, _raise_exceptions_for_missing_entries=False, **download)
     except Exception:  # a Hub problem here is reported properly by transformers a moment later
         return None
@@ -231,24 +234,23 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     aside a 4-bit bitsandbytes request for an FP8 checkpoint (applied after loading, see qlora.py)."""
     from .qlora import is_4bit_request
 
-    if is_4bit_request(kwargs.get("quantization_config")):
-        config = kwargs.get("config")
+    kwargs = dict(kwargs)
+    config = kwargs.get("config")
+
+    def resolved_config():
+        nonlocal config
         if config is None or isinstance(config, (str, os.PathLike)):
-            config = cls.config_class.from_pretrained(config or path)
-        if config.is_fp8:
-            kwargs = dict(kwargs)
-            kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
+            config = cls.config_class.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        return config
+
+    if is_4bit_request(kwargs.get("quantization_config")) and resolved_config().is_fp8:
+        kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
     keys = _checkpoint_keys_for(os.fspath(path), kwargs)
     if keys is None or "load_mtp" in kwargs:
         return kwargs
-    config = kwargs.get("config")
-    if config is None or isinstance(config, (str, os.PathLike)):
-        config = cls.config_class.from_pretrained(
-            config or path, **{k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
-        )
+    config = resolved_config()
     if config.num_nextn_predict_layers and config.load_mtp and not _has_mtp_keys(keys, config):
         logger.info("Checkpoint has no MTP layer (model.layers.%d.*): building the model without it.", config.num_hidden_layers)
-        kwargs = dict(kwargs)
         if "config" in kwargs:
             kwargs["config"] = copy.deepcopy(config)
             kwargs["config"].load_mtp = False

@@ -174,17 +174,6 @@ def test_generate_with_cache_equals_without(tiny_fp8):
     assert torch.equal(a, b)
 
 
-def test_left_padded_batch_equals_rows_alone(tiny_fp8):
-    model = load(tiny_fp8)
-    long, short = input_ids(1, 9, seed=1), input_ids(1, 5, seed=2)
-    batch = torch.cat((long, torch.cat((torch.zeros(1, 4, dtype=torch.long), short), 1)))
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(out[0], model.generate(long, max_new_tokens=6, do_sample=False)[0])
-    assert torch.equal(out[1, 4:], model.generate(short, max_new_tokens=6, do_sample=False)[0])
-
-
 def test_past_key_values_keyword_still_works(tiny_fp8):
     model = load(tiny_fp8)
     ids = input_ids(batch=1, seq=7)
