@@ -140,3 +140,24 @@ def test_dequantized_model_keeps_the_absorbing_kv_b(tiny_fp8):
     kv_b = model.model.layers[1].self_attn.kv_b_proj
     assert isinstance(kv_b, LatentAbsorbingProjection) and kv_b.weight.dtype == torch.float32
     assert model.model.layers[1].self_attn.choose_path(1, 50) == "absorb"
+
+
+def test_fp8_kv_b_dense_cache_follows_weight_changes():
+    """The absorbed path keeps the dequantized FP8 kv_b_proj for inference; changing the FP8 weight (a LoRA
+    merge requantizes in place) must invalidate it."""
+    from modeling_deepseekv3.attention import KVBFP8Linear
+
+    layer = KVBFP8Linear(160, 4 * 64)
+    layer.configure_heads(4, 32, 32)
+    layer.set_dense_weight(torch.randn(256, 160))
+    with torch.no_grad():
+        first = layer.dense_weight(torch.float32)
+        assert layer.dense_weight(torch.float32) is first  # reused
+        layer.set_dense_weight(torch.randn(256, 160))
+        second = layer.dense_weight(torch.float32)
+    assert second is not first
+    torch.testing.assert_close(second, layer.dequantized_weight(torch.float32))
+    assert layer.dense_weight(torch.float32).requires_grad is False
+    x = torch.randn(1, 4, 1, 32, requires_grad=True)
+    layer(x, latent_attention=lambda q: q).sum().backward()  # with autograd: no cache, gradients flow
+    assert x.grad is not None
