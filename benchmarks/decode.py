@@ -7,7 +7,11 @@ Three parts, each running ours and native on the same weights in one process:
    for both, per-token decode time at several context lengths, fp32 and bf16. Native caches the latent
    too but runs kv_b_proj over the whole cache at every step; ours attends over the latent.
 2. The crossover of ``mla_impl="auto"``: absorb vs expand for a prompt of S tokens (no cache).
-3. End to end: ``generate()`` tokens/s at a 2K-token prompt on a small multi-layer model.
+3. End to end: ``generate()`` tokens/s at a 2K-token prompt on a small multi-layer model, each decode step
+   timed by its own timestamp (a streamer), medians over interleaved repeats.
+
+Every figure is a median of interleaved repeats; no ratio is printed from an implausible measurement
+(``timing.py``).
 
     python benchmarks/decode.py                       # all parts, contexts 256 1024 4096 16384
     python benchmarks/decode.py --contexts 256 1024 --dtypes float32 --skip-generate
@@ -16,13 +20,17 @@ Three parts, each running ours and native on the same weights in one process:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import statistics
 import tempfile
 import time
 
 import torch
 import transformers
+from timing import checked, interleaved, ratio
 from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as native_mod
 
 import modeling_deepseekv3 as ds
@@ -41,15 +49,6 @@ V3_ATTENTION = {
 }
 
 
-def timeit(fn, repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
-
-
 def build_layers(dtype):
     ours_cfg = ds.DeepseekV3Config(**V3_ATTENTION)
     native_cfg = transformers.DeepseekV3Config(**V3_ATTENTION)
@@ -60,7 +59,7 @@ def build_layers(dtype):
         for name, p in ours.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "layernorm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
     native = native_mod.DeepseekV3Attention(native_cfg, layer_idx=0)
-    missing, unexpected = native.load_state_dict(ours.state_dict(), strict=True), None
+    native.load_state_dict(ours.state_dict(), strict=True)
     ours, native = ours.to(dtype).eval(), native.to(dtype).eval()
     return ours_cfg, native_cfg, ours, native
 
@@ -109,22 +108,23 @@ def bench_attention(contexts, dtypes, repeats):
             pos = torch.tensor([[context]])
             our_pe, nat_pe = our_rope(pos), nat_rope(x, pos)
 
-            def step_ours():
+            def step_ours(x=x, pe=our_pe, cache=ours_cache):
                 with torch.no_grad():
-                    ours(x, our_pe, None, ours_cache)
-                ours_cache.crop(-1)  # keep the context length fixed
+                    ours(x, pe, None, cache)
+                cache.crop(-1)  # keep the context length fixed
 
-            def step_native():
+            def step_native(x=x, pe=nat_pe, cache=native_cache):
                 with torch.no_grad():
-                    native(x, nat_pe, None, cache=native_cache)
-                native_cache.crop(-1)
+                    native(x, pe, None, cache=cache)
+                cache.crop(-1)
 
-            n_native = max(1, repeats if context <= 1024 else repeats // 2 if context <= 4096 else 1)
-            t_ours = timeit(step_ours, repeats)
-            t_native = timeit(step_native, n_native)
-            rows.append((str(dtype)[6:], context, t_native * 1e3, t_ours * 1e3, t_native / t_ours))
+            rounds = max(1, repeats if context <= 1024 else repeats // 2 if context <= 4096 else 1)
+            times = interleaved({"ours": step_ours, "native": step_native}, rounds=rounds, min_time=0.1, max_repeat=5)
+            t_ours, t_native = times["ours"], times["native"]
+            speedup = ratio(t_native, t_ours, f"ctx {context}")
+            rows.append((str(dtype)[6:], context, t_native * 1e3, t_ours * 1e3, speedup))
             print(f"  ctx {context:6d}: native {t_native * 1e3:9.1f} ms/token   ours {t_ours * 1e3:7.1f} ms/token   "
-                  f"ratio {t_native / t_ours:6.1f}x", flush=True)
+                  f"ratio {speedup:6.1f}x", flush=True)
         base = next(r for r in rows if r[0] == str(dtype)[6:] and r[1] == contexts[0])
         for r in rows:
             if r[0] == str(dtype)[6:] and r[1] != contexts[0]:
@@ -140,18 +140,36 @@ def bench_crossover(lengths, repeats):
     for s in lengths:
         x = torch.randn(1, s, cfg.hidden_size)
         pe = rope(torch.arange(s)[None])
-        times = {}
-        for impl in ("absorb", "expand"):
+        def run(impl, x=x, pe=pe):
             cfg.mla_impl = impl
             with torch.no_grad():
-                times[impl] = timeit(lambda: layer(x, pe, None, None), repeats)
+                layer(x, pe, None, None)
+
+        times = interleaved({impl: (lambda impl=impl: run(impl)) for impl in ("absorb", "expand")}, rounds=repeats,
+                            min_time=0.1, max_repeat=5)
         cfg.mla_impl = "auto"
         pick = layer.choose_path(s, s)
         print(f"  S={s:5d}: absorb {times['absorb'] * 1e3:8.1f} ms   expand {times['expand'] * 1e3:8.1f} ms   "
               f"auto -> {pick}")
 
 
-def bench_generate(context: int, new_tokens: int):
+class StepClock(BaseStreamer):
+    """A streamer that only timestamps: ``generate`` calls ``put`` with the prompt, then once per new token,
+    so consecutive timestamps after the first new token are the decode steps themselves."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def bench_generate(context: int, new_tokens: int, repeats: int):
+    """``generate()`` on a small multi-layer model after a long prompt: decode tokens/s from per-token
+    timestamps (median step time over interleaved repeats), prefill separately, greedy outputs compared."""
     cfg = {
         "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
         "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 16, "num_key_value_heads": 16,
@@ -162,23 +180,30 @@ def bench_generate(context: int, new_tokens: int):
     with tempfile.TemporaryDirectory() as tmp:
         path = ds.make_tiny_checkpoint(os.path.join(tmp, "ckpt"), fp8=False, mtp=False, overrides=cfg)
         prompt = torch.randint(2, 4096, (1, context), generator=torch.Generator().manual_seed(0))
-        results = {}
-        for name, cls in (("native", transformers.DeepseekV3ForCausalLM), ("ours", ds.DeepseekV3ForCausalLM)):
-            model = cls.from_pretrained(path, dtype=torch.float32)
-            if name == "native":
-                model.config._attn_implementation = "sdpa"
-            kw = {"do_sample": False, "min_new_tokens": new_tokens}
-            t_prefill = timeit(lambda: model.generate(prompt, max_new_tokens=1, **{**kw, "min_new_tokens": 1}), 1, 0)
-            t0 = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=new_tokens, **kw)
-            t_total = time.perf_counter() - t0
-            decode_s = (t_total - t_prefill) / (new_tokens - 1)
-            results[name] = (out, 1.0 / decode_s, t_prefill)
-            print(f"  {name:7s}: prefill+1 {t_prefill:6.2f} s, decode {1.0 / decode_s:7.2f} tokens/s")
-            del model
-        same = torch.equal(results["ours"][0], results["native"][0])
+        models = {"native": transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32),
+                  "ours": ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)}
+        models["native"].config._attn_implementation = "sdpa"
+        steps = {name: [] for name in models}
+        prefill = {name: [] for name in models}
+        outputs = {}
+        kw = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        for _ in range(repeats):  # interleaved: ours, native, ours, native, ...
+            for name, model in models.items():
+                clock = StepClock()
+                outputs[name] = model.generate(prompt, streamer=clock, **kw)
+                stamps = clock.times  # [prompt, token 1 (after prefill), token 2, ...]
+                assert len(stamps) == new_tokens + 1, len(stamps)
+                prefill[name].append(stamps[1] - stamps[0])
+                steps[name].extend(b - a for a, b in itertools.pairwise(stamps))
+        tokens_s = {}
+        for name in models:
+            step = checked(statistics.median(steps[name]), f"{name} decode step")
+            tokens_s[name] = 1.0 / step
+            print(f"  {name:7s}: prefill {statistics.median(prefill[name]):6.2f} s, decode {tokens_s[name]:7.2f} tokens/s "
+                  f"(median of {len(steps[name])} steps, {step * 1e3:.1f} ms each)")
+        same = torch.equal(outputs["ours"], outputs["native"])
         print(f"  greedy outputs identical: {same}; ours/native decode speed: "
-              f"{results['ours'][1] / results['native'][1]:.1f}x")
+              f"{ratio(1 / tokens_s['native'], 1 / tokens_s['ours'], 'decode step'):.1f}x")
 
 
 def main():
@@ -189,6 +214,7 @@ def main():
     parser.add_argument("--crossover", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
     parser.add_argument("--generate-context", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=17)
+    parser.add_argument("--generate-repeats", type=int, default=3)
     parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
@@ -199,7 +225,7 @@ def main():
     bench_crossover(args.crossover, 2)
     if not args.skip_generate:
         print(f"== 3. generate(), 4 layers, {args.generate_context}-token prompt ==")
-        bench_generate(args.generate_context, args.new_tokens)
+        bench_generate(args.generate_context, args.new_tokens, args.generate_repeats)
 
 
 if __name__ == "__main__":

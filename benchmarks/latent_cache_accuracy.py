@@ -14,10 +14,9 @@ the cache format alone adds to one attention layer with DeepSeek-V3's dimensions
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
-
-import sys
 
 import torch
 import transformers
@@ -45,7 +44,8 @@ def main():
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         path = ds.make_tiny_checkpoint(Path(tmp) / "tiny", mtp=False)
-        load = lambda **kw: ds.DeepseekV3ForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **kw})
+        def load(**kw):
+            return ds.DeepseekV3ForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **kw})
         base = load()
         prompt = torch.randint(2, 1024, (1, 8), generator=torch.Generator().manual_seed(args.seed))
         gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -23,12 +22,13 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from timing import ratio
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.peft import lora_config
+from modeling_deepseekv3.integrations.peft import lora_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_load import PeakRSS, model_bytes, release_memory  # noqa: E402
+from memory_load import PeakRSS, model_bytes, release_memory
 
 CONFIG = {  # V3 routing (groups, top-k, shared expert) at a size a CPU trains in seconds
     "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512,
@@ -58,7 +58,7 @@ def run(name, model, peft_config, ids, steps):
     with PeakRSS() as peak:
         t0 = time.perf_counter()
         for _ in range(steps):
-            loss = step()
+            step()
         seconds = (time.perf_counter() - t0) / steps
     n_trainable = sum(p.numel() for p in trainable)
     weights = model_bytes(model)
@@ -85,7 +85,7 @@ def main():
               f"{CONFIG['n_routed_experts']} experts; batch {args.batch} x {args.seq} tokens; LoRA r={args.rank}, fp32")
         r, alpha = args.rank, 2 * args.rank
         native = transformers.DeepseekV3ForCausalLM.from_pretrained(dense, dtype=torch.float32)
-        native_cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"],
+        native_cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[*ATTENTION, "gate_proj", "up_proj", "down_proj"],
                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
         t_native, m_native = run("native + PEFT (target_parameters)", native, native_cfg, ids, args.steps)
         del native
@@ -96,8 +96,9 @@ def main():
         release_memory()
         ours8 = ds.DeepseekV3ForCausalLM.from_pretrained(fp8, dtype=torch.float32)
         t_fp8, m_fp8 = run("ours, FP8 base", ours8, lora_config(ours8, "all", r=r, lora_alpha=alpha), ids, args.steps)
-        print(f"ratio native/ours: step time {t_native / t_ours:.2f}x, memory (weights + peak growth) "
-              f"{m_native / max(m_ours, 1):.2f}x (FP8 base: time {t_native / t_fp8:.2f}x, memory {m_native / max(m_fp8, 1):.2f}x)")
+        print(f"ratio native/ours: step time {ratio(t_native, t_ours):.2f}x, memory (weights + peak growth) "
+              f"{m_native / max(m_ours, 1):.2f}x (FP8 base: time {ratio(t_native, t_fp8):.2f}x, memory "
+              f"{m_native / max(m_fp8, 1):.2f}x)")
         del ours8
         gc.collect()
 

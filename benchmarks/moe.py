@@ -14,10 +14,10 @@ experts (block-dequantized per call) vs BF16-resident experts: speed and weight 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import transformers
+from timing import interleaved, ratio
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as native_mod
 
 import modeling_deepseekv3 as ds
@@ -34,22 +34,8 @@ LAYER = {  # V3's routing (256 experts, top-8, 8 groups / 4 kept, 1 shared) with
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 
 
-def timeit(fn, min_time=0.5, max_repeat=50):
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while n < max_repeat and (n < 3 or time.perf_counter() - t0 < min_time):
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
-
-
 def compare(fns: dict, rounds: int = 5) -> dict:
-    """Median over ``rounds`` of interleaved timings (the machine drifts; interleaving keeps it fair)."""
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(timeit(fn))
-    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    return interleaved(fns, rounds=rounds, min_time=0.5)
 
 
 def build(dtype, fp8=False):
@@ -59,7 +45,7 @@ def build(dtype, fp8=False):
     with torch.no_grad():
         ours.gate.weight.normal_(0, 3 / LAYER["hidden_size"] ** 0.5)
         ours.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
-        for name, module in ours.named_modules():
+        for _name, module in ours.named_modules():
             if isinstance(module, ds.FP8Linear):
                 module.set_dense_weight(torch.randn(module.out_features, module.in_features) / module.in_features**0.5)
             elif isinstance(module, torch.nn.Linear):
@@ -108,15 +94,12 @@ def main():
                 times = compare({"ours": lambda: ours(x), **{impl: (lambda m=m: m(x)) for impl, m in natives.items()}})
                 t_ours = times["ours"]
                 # per-expert matmuls (what runs when experts are not stacked: PEFT, hooks, devices)
-                ours.config.moe_grouped_experts = False
-                saved = ours.__dict__.pop("_stacked", None)
+                ours.experts.grouped = False
                 t_loop = compare({"loop": lambda: ours(x)}, rounds=3)["loop"]
-                ours.config.moe_grouped_experts = True
-                if saved is not None:
-                    ours.__dict__["_stacked"] = saved
+                ours.experts.grouped = True
             print(f"  T={t:4d}: ours {t_ours * 1e3:8.2f} | native grouped_mm {times['grouped_mm'] * 1e3:8.2f} "
-                  f"({times['grouped_mm'] / t_ours:4.2f}x) | native eager {times['eager'] * 1e3:8.2f} "
-                  f"({times['eager'] / t_ours:4.2f}x) | ours per-expert loop {t_loop * 1e3:8.2f} "
+                  f"({ratio(times['grouped_mm'], t_ours):4.2f}x) | native eager {times['eager'] * 1e3:8.2f} "
+                  f"({ratio(times['eager'], t_ours):4.2f}x) | ours per-expert loop {t_loop * 1e3:8.2f} "
                   f"| max|diff| {max(diffs.values()):.1e}")
         del natives
 
@@ -140,7 +123,7 @@ def main():
                 t_fp8, t_dense = times["fp8"], times["dense"]
             print(f"  {str(dtype)[6:]:8s} T={t:4d}: FP8-resident {t_fp8 * 1e3:8.2f} ms, "
                   f"{str(dense_c.experts[0].up_proj.weight.dtype)[6:]}-resident {t_dense * 1e3:8.2f} ms "
-                  f"({t_fp8 / t_dense:.2f}x the time)")
+                  f"({ratio(t_fp8, t_dense):.2f}x the time)")
     bench_fp8_linear()
 
 
@@ -156,7 +139,7 @@ def bench_fp8_linear():
         with torch.no_grad():
             times = compare({"auto": lambda: fast(x), "dequant": lambda: ref(x)}, rounds=3)
         print(f"  rows {rows:3d}: auto {times['auto'] * 1e3:7.2f} ms, dequant {times['dequant'] * 1e3:7.2f} ms "
-              f"({times['dequant'] / times['auto']:.1f}x)")
+              f"({ratio(times['dequant'], times['auto']):.1f}x)")
 
 
 if __name__ == "__main__":

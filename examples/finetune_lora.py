@@ -1,7 +1,7 @@
 """LoRA fine-tuning (SFT) of a DeepSeek-V3-architecture model with transformers' Trainer and PEFT.
 
 Every kind of target gets an adapter -- attention projections, the dense MLP, shared and routed experts --
-on top of the FP8 base, which stays frozen and FP8. The script builds a small chat dataset (questions
+on top of the FP8 base, which stays frozen and FP8; the LoraConfig is plain PEFT, as in any LoRA script. The script builds a small chat dataset (questions
 about the model, with fixed answers), trains, and prints the loss and a generation before and after.
 The routing-bias callback counts expert load (and would update the aux-loss-free biases with gamma > 0).
 
@@ -12,11 +12,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.peft import lora_config
 from modeling_deepseekv3.training import RoutingBiasCallback
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +64,8 @@ def answer(question):
 
 dataset = [encode(q, a) for q, a in pairs] * 8
 print("before:", repr(answer(pairs[3][0])))
-model = get_peft_model(model, lora_config(model, scope="all", r=8))
+targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))  # plain PEFT, FP8 base
 model.print_trainable_parameters()
 training = TrainingArguments(
     output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=8, learning_rate=3e-3,
@@ -79,4 +79,4 @@ print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} (final train_loss {result.trai
 model.eval()
 print("after: ", repr(answer(pairs[3][0])))
 model.save_pretrained(args.output)
-print(f"adapter saved to {args.output} (reload: modeling_deepseekv3.peft.load_lora(base_model, path))")
+print(f"adapter saved to {args.output} (reload: peft.PeftModel.from_pretrained(base_model, path))")

@@ -4,9 +4,10 @@ Importing this package registers nothing with transformers; call :func:`register
 """
 
 from .cache import LatentCache, StaticLatentCache
+from .checkpoint import CheckpointError, checkpoint_layout, convert_checkpoint, make_tiny_checkpoint
 from .configuration import DeepseekV3Config, DeepseekV3PluginConfig, KimiK2Config
 from .fp8 import FP8Linear, block_dequantize, block_quantize
-from .loading import CheckpointError
+from .integrations.tokenizer import build_tiny_tokenizer, deepseek_v3_tokenizer, load_tokenizer
 from .modeling import (
     DeepseekV3ForCausalLM,
     DeepseekV3Model,
@@ -16,8 +17,6 @@ from .modeling import (
 )
 from .placement import plan_device_map, plan_placement
 from .registration import register
-from .tokenizer import build_tiny_tokenizer, deepseek_v3_tokenizer, load_tokenizer
-from .conversion import checkpoint_layout, convert_checkpoint, make_tiny_checkpoint
 
 __version__ = "0.1.0"
 
@@ -36,12 +35,12 @@ __all__ = [
     "StaticLatentCache",
     "block_dequantize",
     "block_quantize",
+    "build_tiny_tokenizer",
     "checkpoint_layout",
     "convert_checkpoint",
-    "make_tiny_checkpoint",
-    "build_tiny_tokenizer",
     "deepseek_v3_tokenizer",
     "load_tokenizer",
+    "make_tiny_checkpoint",
     "plan_device_map",
     "plan_placement",
     "register",

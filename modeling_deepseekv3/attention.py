@@ -39,14 +39,12 @@ from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
 __all__ = [
-    "MLA_IMPLEMENTATIONS",
-    "MLAttention",
     "LatentAbsorbingProjection",
+    "MLAttention",
     "absorb_is_cheaper",
+    "build_attention_mask",
     "latent_cache_update",
 ]
-
-MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
 
 
 def latent_cache_update(cache, latent: torch.Tensor, layer_idx: int) -> torch.Tensor:
@@ -132,7 +130,7 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
 def _make_kv_b_proj(config, in_features: int, out_features: int) -> nn.Module:
     if config.is_fp8:
         layer = KVBFP8Linear(
-            in_features, out_features, block_size=config.fp8_block_size, compute=getattr(config, "fp8_compute", "auto"),
+            in_features, out_features, block_size=config.fp8_block_size, compute=config.fp8_compute,
             scale_fmt=config.fp8_scale_fmt,
         )
     else:
@@ -194,7 +192,7 @@ class MLAttention(nn.Module):
         return torch.cat((c_kv, k_pe), dim=-1)  # (B, S, 576)
 
     def choose_path(self, q_len: int, kv_len: int) -> str:
-        impl = getattr(self.config, "mla_impl", "auto")
+        impl = self.config.mla_impl
         if not isinstance(self.kv_b_proj, LatentAbsorbingProjection):
             return "expand"  # kv_b_proj was wrapped/replaced (LoRA, bitsandbytes): only expand honours it
         if impl != "auto":
@@ -277,6 +275,40 @@ class MLAttention(nn.Module):
             return o_latent.view(b, h, s, r)
 
         return attend
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past, kv_len: int, device
+) -> torch.Tensor | None:
+    """Boolean ``[B, 1, S, kv_len]`` mask (True = may attend), or None when plain causal attention suffices.
+
+    ``attention_mask`` is the usual ``[B, past + S]`` 0/1 padding mask, or an already-built 4-D mask
+    (boolean, or additive float with 0 = attend, as ``generate()`` builds for static caches). Query ``i``
+    sits at cache index ``past + i`` and sees keys ``j <= past + i`` that are not padding; ``kv_len``
+    exceeds ``past + S`` for a pre-allocated cache, whose unwritten slots are masked by position. A query
+    on a padding token still sees itself, so its row never becomes all ``-inf`` (its output is ignored
+    but stays finite)."""
+    q_pos = torch.arange(q_len, device=device)[:, None] + past  # (S, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask.to(device) | (k_pos == q_pos)[None, None]
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    dense = isinstance(past, int) and kv_len == past + q_len
+    if dense and not padded and (q_len == 1 or past == 0):
+        return None
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, S, T)
+    if padded:
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        if keep.shape[-1] < kv_len:  # pre-allocated cache: slots beyond the mask are masked by position
+            keep = torch.nn.functional.pad(keep, (0, kv_len - keep.shape[-1]), value=True)
+        elif keep.shape[-1] != kv_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens "
+                f"are {kv_len}; pass the mask for the whole sequence so far."
+            )
+        mask = (mask & keep[:, None, None, :]) | (k_pos == q_pos)[None, None]
+    return mask
 
 
 def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:

@@ -23,18 +23,17 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .configuration import LATENT_CACHE_FORMATS
 from .fp8 import FP8_DTYPE, FP8_MAX
 
 __all__ = [
-    "LATENT_CACHE_FORMATS",
-    "LatentLayer",
-    "StaticLatentLayer",
     "LatentCache",
+    "LatentLayer",
     "StaticLatentCache",
+    "StaticLatentLayer",
     "latent_bytes_per_token",
 ]
 
-LATENT_CACHE_FORMATS = ("auto", "fp8", "fp8_plain")
 _GROUP = 128  # latent values per FP8 scale in the "fp8" format
 
 
@@ -234,7 +233,7 @@ class StaticLatentLayer(LatentLayer):
 def _cache_settings(config) -> dict:
     return {
         "kv_lora_rank": config.kv_lora_rank,
-        "latent_cache_format": getattr(config, "latent_cache_format", "auto"),
+        "latent_cache_format": config.latent_cache_format,
     }
 
 
@@ -251,7 +250,7 @@ class LatentCache(Cache):
     def bytes_per_token_per_layer(self, dtype: torch.dtype | None = None) -> int:
         """Storage cost of one token in one layer, e.g. 1152 for the BF16 latent of V3, 656 for "fp8"."""
         if dtype is None:
-            layer = next((l for l in self.layers if l.is_initialized), None)
+            layer = next((x for x in self.layers if x.is_initialized), None)
             dtype = layer.dtype if layer is not None else torch.bfloat16
         return latent_bytes_per_token(
             self.settings["kv_lora_rank"], self.rope_dim, self.settings["latent_cache_format"], dtype

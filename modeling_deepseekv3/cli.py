@@ -17,14 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+from .configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 
 
 def _load(args):
     import torch
 
+    from .integrations.tokenizer import load_tokenizer
     from .modeling import DeepseekV3ForCausalLM
-    from .tokenizer import load_tokenizer
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     knobs = {"mla_impl": args.mla_impl, "latent_cache_format": args.latent_cache_format}
@@ -153,7 +155,7 @@ def _cmd_install_hub_files(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert_checkpoint
+    from .checkpoint import convert_checkpoint
 
     out = convert_checkpoint(
         args.src,
@@ -170,7 +172,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .conversion import make_tiny_checkpoint
+    from .checkpoint import make_tiny_checkpoint
 
     out = make_tiny_checkpoint(
         args.dir,
@@ -194,8 +196,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="compute dtype (default float32: fastest on CPUs without BF16 hardware)")
-    p.add_argument("--mla-impl", choices=("auto", "absorb", "expand"), default="auto")
-    p.add_argument("--latent-cache-format", choices=("auto", "fp8", "fp8_plain"), default="auto")
+    p.add_argument("--mla-impl", choices=MLA_IMPLEMENTATIONS, default="auto")
+    p.add_argument("--latent-cache-format", choices=LATENT_CACHE_FORMATS, default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:

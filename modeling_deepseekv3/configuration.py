@@ -24,7 +24,19 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-__all__ = ["DeepseekV3PluginConfig", "DeepseekV3Config", "KimiK2Config"]
+__all__ = [
+    "FP8_COMPUTE_MODES",
+    "LATENT_CACHE_FORMATS",
+    "MLA_IMPLEMENTATIONS",
+    "DeepseekV3Config",
+    "DeepseekV3PluginConfig",
+    "KimiK2Config",
+]
+
+# Allowed values of the plugin knobs, defined here once (attention, cache, CLI and placement import them).
+FP8_COMPUTE_MODES = ("auto", "dequant")
+MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
+LATENT_CACHE_FORMATS = ("auto", "fp8", "fp8_plain")
 
 _SUPPORTED_SCORING = ("sigmoid",)
 _SUPPORTED_TOPK = ("noaux_tc",)
@@ -270,14 +282,13 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
                 f"config field `topk_method` is {self.topk_method!r}; this package implements the "
                 f"aux-loss-free group-limited router, {_SUPPORTED_TOPK[0]!r}."
             )
-        if self.fp8_compute not in ("auto", "dequant"):
-            raise ValueError(f"config field `fp8_compute` must be 'auto' or 'dequant', got {self.fp8_compute!r}.")
-        if self.mla_impl not in ("auto", "absorb", "expand"):
-            raise ValueError(f"config field `mla_impl` must be 'auto', 'absorb' or 'expand', got {self.mla_impl!r}.")
-        if self.latent_cache_format not in ("auto", "fp8", "fp8_plain"):
-            raise ValueError(
-                f"config field `latent_cache_format` must be 'auto', 'fp8' or 'fp8_plain', got {self.latent_cache_format!r}."
-            )
+        for name, allowed in (
+            ("fp8_compute", FP8_COMPUTE_MODES),
+            ("mla_impl", MLA_IMPLEMENTATIONS),
+            ("latent_cache_format", LATENT_CACHE_FORMATS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         from transformers.activations import ACT2FN
 
         if self.hidden_act not in ACT2FN:

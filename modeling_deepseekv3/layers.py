@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 from .fp8 import FP8Linear
 
-__all__ = ["RMSNorm", "make_linear", "SwiGLUMLP"]
+__all__ = ["RMSNorm", "SwiGLUMLP", "make_linear"]
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +38,7 @@ def make_linear(config, in_features: int, out_features: int, bias: bool = False)
     if config.is_fp8:
         return FP8Linear(
             in_features, out_features, bias=bias, block_size=config.fp8_block_size,
-            compute=getattr(config, "fp8_compute", "auto"), scale_fmt=config.fp8_scale_fmt,
+            compute=config.fp8_compute, scale_fmt=config.fp8_scale_fmt,
         )
     return nn.Linear(in_features, out_features, bias=bias)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .configuration import DeepseekV3PluginConfig, KimiK2Config
 
-__all__ = ["register", "is_registered"]
+__all__ = ["is_registered", "register"]
 
 _state = {"plain": False, "override": False}
 

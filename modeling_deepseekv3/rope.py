@@ -22,7 +22,7 @@ from torch import nn
 
 from .configuration import yarn_get_mscale
 
-__all__ = ["rope_inv_freq", "softmax_scale", "apply_rope", "RotaryEmbedding"]
+__all__ = ["RotaryEmbedding", "apply_rope", "rope_inv_freq", "softmax_scale"]
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -95,7 +95,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.interleaved = bool(getattr(config, "rope_interleave", True))
+        self.interleaved = bool(config.rope_interleave)
         self._cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     def inv_freq(self, device: torch.device) -> tuple[torch.Tensor, float]:

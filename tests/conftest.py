@@ -10,8 +10,8 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import modeling_deepseekv3 as ds  # noqa: E402
-from modeling_deepseekv3.conversion import TINY_CONFIG  # noqa: E402
+import modeling_deepseekv3 as ds
+from modeling_deepseekv3.checkpoint import TINY_CONFIG
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,12 +50,3 @@ def tiny_bf16_direct_q(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config():
     return ds.DeepseekV3Config(**{k: v for k, v in TINY_CONFIG.items()})
-
-
-def load(path, **kwargs) -> ds.DeepseekV3ForCausalLM:
-    kwargs.setdefault("dtype", torch.float32)
-    return ds.DeepseekV3ForCausalLM.from_pretrained(path, **kwargs)
-
-
-def input_ids(batch=2, seq=12, vocab=TINY_CONFIG["vocab_size"], seed=0):
-    return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

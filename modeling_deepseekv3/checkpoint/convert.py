@@ -1,0 +1,186 @@
+"""``deepseek-v3 convert``: FP8 <-> BF16 conversion of an official-layout checkpoint, shard by shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.utils import logging
+
+from ..configuration import DeepseekV3PluginConfig
+from ..fp8.format import FP8_DTYPE, block_dequantize, block_quantize, check_scale_fmt
+from .atomic import publish_directory
+from .headers import (
+    INDEX_NAME,
+    SCALE_SUFFIX,
+    SINGLE_NAME,
+    CheckpointError,
+    inspect_checkpoint_dir,
+    read_safetensors_header,
+)
+from .layout import checkpoint_layout
+from .tiny import FP8_QUANTIZATION_CONFIG
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["convert_checkpoint"]
+
+
+def _read_config(src: Path) -> dict:
+    path = src / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{src}: no config.json; `convert` needs it to know the layout.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}).") from None
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str,
+    scale_fmt: str | None = None,
+    block_size: tuple[int, int] = (128, 128),
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert an official-layout checkpoint between FP8 and BF16, one shard at a time.
+
+    ``to="bf16"``: every float8 weight is block-dequantized with its ``weight_scale_inv`` (found through
+    the index, whichever shard holds it) and rounded to BF16, as DeepSeek's ``fp8_cast_bf16`` does; the
+    scales and ``quantization_config`` are dropped. ``to="fp8"``: every tensor the official layout
+    stores as FP8 is quantized to float8_e4m3fn with fresh ``block_size`` scales (``scale_fmt="ue8m0"``
+    gives V3.1's power-of-two scales); the rest is copied unchanged.
+
+    Memory is bounded by one shard (never the whole model). Work happens in ``<dst>.partial``: each
+    finished shard is written to a temporary name and renamed, so re-running the same command after an
+    interruption resumes with the next shard; ``<dst>`` appears (by rename) only when everything,
+    index and config included, is written. ``device`` may be any torch device ("cuda" is fastest; no
+    FP8-capable GPU is needed)."""
+    if to not in ("bf16", "fp8"):
+        raise ValueError(f"`to` must be 'bf16' or 'fp8', got {to!r}.")
+    check_scale_fmt(scale_fmt)
+    src, dst = Path(src), Path(dst)
+    real_src, real_dst = src.resolve(), dst.resolve()
+    if real_src == real_dst or real_src.is_relative_to(real_dst) or real_dst.is_relative_to(real_src):
+        raise ValueError(
+            f"convert writes a new checkpoint next to the source: `dst` ({dst}) must be neither `src` ({src}) nor "
+            "a directory inside it or containing it (replacing it would delete the source)."
+        )
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it.")
+    config_dict = _read_config(src)
+    source_config = DeepseekV3PluginConfig.from_dict(dict(config_dict))
+    if to == "bf16" and not source_config.is_fp8:
+        raise ValueError(f"{src} is not an FP8 checkpoint (its config.json has no FP8 quantization_config).")
+    if to == "fp8" and source_config.is_fp8:
+        raise ValueError(f"{src} is already an FP8 checkpoint.")
+    tensors = inspect_checkpoint_dir(src)
+    if tensors is None:
+        raise CheckpointError(f"{src}: no {INDEX_NAME} or {SINGLE_NAME} found.")
+    weight_map = {key: Path(info.file).name for key, info in tensors.items()}
+
+    new_config = dict(config_dict)
+    if to == "bf16":
+        new_config.pop("quantization_config", None)
+    else:
+        quant = dict(FP8_QUANTIZATION_CONFIG, weight_block_size=list(block_size))
+        if scale_fmt:
+            quant["scale_fmt"] = scale_fmt
+        new_config["quantization_config"] = quant
+    new_config["torch_dtype"] = "bfloat16"
+    new_config.pop("dtype", None)
+    fp8_keys: set[str] = set()
+    if to == "fp8":
+        layout = checkpoint_layout(DeepseekV3PluginConfig.from_dict(dict(new_config)))
+        fp8_keys = {k for k, spec in layout.items() if spec.dtype == FP8_DTYPE}
+        unknown = sorted(set(weight_map) - set(layout))
+        if unknown:
+            logger.warning("convert: %d tensors are not in the official layout and are copied as they are (e.g. %s).", len(unknown), unknown[0])
+
+    work = dst.parent / f"{dst.name}.partial"
+    params = {"src": str(src.resolve()), "to": to, "scale_fmt": scale_fmt, "block_size": list(block_size)}
+    params_file = work / ".convert-params.json"
+    if work.exists():
+        if not params_file.is_file() or json.loads(params_file.read_text()) != params:
+            raise FileExistsError(
+                f"{work} holds an unfinished conversion with other settings; delete it or rerun with the same ones."
+            )
+    else:
+        work.mkdir(parents=True)
+        params_file.write_text(json.dumps(params))
+
+    handles: dict[str, object] = {}
+
+    def handle(file: str):
+        if file not in handles:
+            handles[file] = safe_open(str(src / file), framework="pt", device="cpu")
+        return handles[file]
+
+    shard_files = sorted(set(weight_map.values()))
+    new_map: dict[str, str] = {}
+    total = 0
+    from transformers.utils.logging import tqdm
+
+    for file in tqdm(shard_files, desc=f"convert -> {to}", unit="shard", disable=not progress):
+        out_path = work / file
+        keys = [k for k, f in weight_map.items() if f == file]
+        if out_path.is_file():  # finished in an earlier run (renamed only when complete)
+            header = read_safetensors_header(out_path)
+            new_map.update({k: file for k in header})
+            total += sum(_nbytes(info) for info in header.values())
+            continue
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if key.endswith(SCALE_SUFFIX) and to == "bf16":
+                continue
+            tensor = handle(file).get_tensor(key)
+            if to == "bf16" and tensor.dtype == FP8_DTYPE:
+                scale_key = key[: -len("weight")] + SCALE_SUFFIX
+                if scale_key not in weight_map:
+                    raise CheckpointError(f"{src / file}: FP8 weight {key!r} has no {SCALE_SUFFIX!r} companion.")
+                scale = handle(weight_map[scale_key]).get_tensor(scale_key)
+                block = source_config.fp8_block_size
+                out[key] = block_dequantize(tensor.to(device), scale.to(device), block, torch.bfloat16).cpu()
+            elif key in fp8_keys:
+                q, s = block_quantize(tensor.to(device), block_size, scale_fmt)
+                out[key] = q.cpu()
+                out[key[: -len("weight")] + SCALE_SUFFIX] = s.cpu()
+            else:
+                out[key] = tensor
+        tmp = work / (file + ".tmp")
+        save_file(out, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_path)
+        new_map.update({k: file for k in out})
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del out
+    handles.clear()
+
+    for item in src.iterdir():  # tokenizer, generation config, remote-code files, README, ...
+        if item.name in weight_map.values() or item.name in (INDEX_NAME, "config.json") or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copy2(item, work / item.name)
+    if (src / INDEX_NAME).is_file():
+        (work / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2)
+        )
+    (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    params_file.unlink()
+    publish_directory(work, dst)
+    return dst
+
+
+def _nbytes(info) -> int:
+    n = 1
+    for d in info.shape:
+        n *= d
+    return n * (info.torch_dtype.itemsize if info.torch_dtype is not None else 1)

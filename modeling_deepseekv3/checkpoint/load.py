@@ -1,0 +1,192 @@
+"""``from_pretrained`` hooks: checks before and after the skeleton is built, FP8 bookkeeping after loading.
+
+Loading goes through transformers' own ``from_pretrained`` (mmap, zero-copy, Accelerate placement); this
+module adds what transformers does not do for us:
+
+* **Fail before building anything** on a broken checkout (:func:`~.headers.inspect_checkpoint_dir`).
+* **Check every expected tensor** against the headers once the model skeleton exists (on the meta
+  device): missing keys, an FP8 weight without its ``weight_scale_inv``, a scale of the wrong shape, a
+  weight of the wrong shape or dtype. transformers would log a warning and random-initialize missing
+  tensors, or silently cast a BF16 tensor into an FP8 parameter without any scale.
+* **Keep FP8 as FP8** after loading (transformers re-wraps loaded float8 params with
+  ``requires_grad=True``) and optionally dequantize (``dequantize_fp8=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from transformers.utils import logging
+
+from .headers import (
+    INDEX_NAME,
+    SCALE_SUFFIX,
+    CheckpointError,
+    TensorInfo,
+    inspect_checkpoint_dir,
+    read_checkpoint_tensors,
+)
+from .layout import mtp_layer_indices
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["check_checkpoint_against_model", "finalize_loaded_model", "prepare_from_pretrained"]
+
+
+def _has_mtp_keys(keys, config) -> bool:
+    prefixes = tuple(f"model.layers.{i}." for i in mtp_layer_indices(config))
+    return any(k.startswith(prefixes) for k in keys)
+
+
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+
+
+def _checkpoint_keys_for(path, kwargs) -> list[str] | None:
+    """Tensor names of a local directory (full header check) or, for a Hub id, from its index."""
+    if os.path.isdir(path):
+        subfolder = kwargs.get("subfolder") or ""
+        tensors = inspect_checkpoint_dir(os.path.join(path, subfolder))
+        return None if tensors is None else list(tensors)
+    try:
+        from transformers.utils import cached_file
+
+        download = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        index = cached_file(path, INDEX_NAME, _raise_exceptions_for_missing_entries=False, **download)
+    except Exception:  # a Hub problem here is reported properly by transformers a moment later
+        return None
+    if index is None:
+        return None
+    with open(index) as f:
+        return list(json.load(f).get("weight_map", {}))
+
+
+def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
+    """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present); sets
+    aside a 4-bit bitsandbytes request for an FP8 checkpoint (applied after loading, see
+    ``integrations/bitsandbytes.py``)."""
+    from ..integrations.bitsandbytes import is_4bit_request
+
+    kwargs = dict(kwargs)
+    config = kwargs.get("config")
+
+    def resolved_config():
+        nonlocal config
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = cls.config_class.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        return config
+
+    if is_4bit_request(kwargs.get("quantization_config")) and resolved_config().is_fp8:
+        kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
+    keys = _checkpoint_keys_for(os.fspath(path), kwargs)
+    if keys is None or "load_mtp" in kwargs:
+        return kwargs
+    config = resolved_config()
+    if config.num_nextn_predict_layers and config.load_mtp and not _has_mtp_keys(keys, config):
+        logger.info("Checkpoint has no MTP layer (model.layers.%d.*): building the model without it.", config.num_hidden_layers)
+        if "config" in kwargs:
+            kwargs["config"] = copy.deepcopy(config)
+            kwargs["config"].load_mtp = False
+        else:
+            kwargs["load_mtp"] = False
+    return kwargs
+
+
+def _describe_dtype_mismatch(key: str, expected: torch.dtype, found: TensorInfo) -> str | None:
+    fp8 = torch.float8_e4m3fn
+    if expected == fp8 and found.dtype != "F8_E4M3":
+        return (
+            f"{found.file}: {key!r} is {found.dtype} but the config's `quantization_config` describes an FP8 "
+            "checkpoint, so an float8_e4m3fn weight is expected. Remove `quantization_config` from config.json "
+            "for a BF16 checkpoint, or convert the weights with `deepseek-v3 convert --to fp8`."
+        )
+    if expected != fp8 and found.dtype.startswith("F8_"):
+        return (
+            f"{found.file}: {key!r} is {found.dtype} but the model expects a dense tensor. An FP8 checkpoint "
+            "needs `quantization_config` (quant_method fp8, weight_block_size) in config.json."
+        )
+    if key.endswith(SCALE_SUFFIX) and found.dtype != "F32":
+        return f"{found.file}: {key!r} is {found.dtype}; FP8 block scales must be F32."
+    if expected.is_floating_point and (found.torch_dtype is None or not found.torch_dtype.is_floating_point):
+        return f"{found.file}: {key!r} is {found.dtype} but a floating-point tensor is expected."
+    return None
+
+
+def check_checkpoint_against_model(model, checkpoint_files: list[str], load_config) -> None:
+    """Compare the (meta-device) model's expected tensors with the shard headers; raise on any mismatch."""
+    tensors = read_checkpoint_tensors(checkpoint_files)
+    weight_map = (getattr(load_config, "sharded_metadata", None) or {}).get("weight_map") or {}
+    for key, file in weight_map.items():
+        if key not in tensors:
+            raise CheckpointError(
+                f"the checkpoint index maps {key!r} to {file!r}, but that shard does not contain it. "
+                "Re-download the index and the shards."
+            )
+    prefix = model.base_model_prefix + "."
+    is_base = not hasattr(model, model.base_model_prefix)
+    if is_base:  # a DeepseekV3Model loaded from a ForCausalLM checkpoint: drop "model."
+        tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    elif tensors and not any(k.startswith(prefix) for k in tensors):
+        tensors = {prefix + k: v for k, v in tensors.items()}
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
+    missing = []
+    for key, param in model.state_dict(keep_vars=True).items():
+        if key in tied:
+            continue
+        found = tensors.get(key)
+        if found is None:
+            missing.append(key)
+            continue
+        if tuple(param.shape) != found.shape:
+            raise CheckpointError(
+                f"{found.file}: {key!r} has shape {list(found.shape)} but this config needs {list(param.shape)}. "
+                "The config.json does not describe these weights (check hidden_size, head dims, ranks, expert "
+                "counts) or the file is from another model."
+            )
+        problem = _describe_dtype_mismatch(key, param.dtype, found)
+        if problem:
+            raise CheckpointError(problem)
+        if key.endswith("e_score_correction_bias") and found.dtype != "F32":
+            logger.warning(
+                "%s: %s is %s; the official checkpoints store it in FP32 and BF16 rounding can change expert "
+                "choices.", found.file, key, found.dtype
+            )
+    if missing:
+        raise CheckpointError(_missing_message(missing, tensors, model.config))
+
+
+def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config) -> str:
+    scales = [k for k in missing if k.endswith(SCALE_SUFFIX)]
+    if scales:
+        weight_key = scales[0][: -len(SCALE_SUFFIX)] + "weight"
+        where = tensors[weight_key].file if weight_key in tensors else "the checkpoint"
+        return (
+            f"{where}: FP8 weight {weight_key!r} has no {SCALE_SUFFIX!r} companion ({len(scales)} scales missing "
+            "in total). Without the block scales the FP8 codes are meaningless; the shards are incomplete or "
+            "were written by a tool that dropped the scales."
+        )
+    mtp = [k for k in missing if any(f"layers.{i}." in k for i in mtp_layer_indices(config))]
+    shown = ", ".join(repr(k) for k in missing[:5])
+    msg = f"the checkpoint lacks {len(missing)} tensors this config needs (e.g. {shown})."
+    if len(mtp) == len(missing):
+        msg += " They all belong to the MTP layer: pass load_mtp=False to build the model without it."
+    else:
+        msg += " The shards are incomplete or config.json describes a different model."
+    return msg
+
+
+def finalize_loaded_model(model) -> None:
+    """FP8 tensors never require grad (transformers re-wraps loaded params with requires_grad=True);
+    honour ``dequantize_fp8``; keep CPU-mapped experts computing on the CPU in GPU+CPU layouts."""
+    compute_dtype = model.get_input_embeddings().weight.dtype
+    for module in model.fp8_modules().values():
+        module.weight.requires_grad_(False)
+        module.weight_scale_inv.requires_grad_(False)
+        module.compute_dtype = compute_dtype
+    from ..placement import compute_cpu_experts_on_cpu
+
+    if model.config.dequantize_fp8 and model.config.is_fp8:
+        model.dequantize_fp8()
+    compute_cpu_experts_on_cpu(model)

@@ -1,0 +1,213 @@
+"""Tiny checkpoints in the exact official layout: for tests, examples, and users trying the tools."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..configuration import DeepseekV3PluginConfig
+from ..fp8 import FP8_DTYPE, block_quantize
+from .atomic import atomic_directory
+from .headers import INDEX_NAME, SCALE_SUFFIX
+from .layout import TensorSpec, checkpoint_layout, mtp_layer_indices
+
+__all__ = ["FP8_QUANTIZATION_CONFIG", "TINY_CONFIG", "make_tiny_checkpoint"]
+
+#: A tiny config that reaches every branch: dense + MoE layers, an MTP layer, n_group > 1 with
+#: topk_group < n_group, YaRN, and shapes that are not multiples of 128 (partial FP8 blocks in
+#: q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, the expert projections).
+TINY_CONFIG = {
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 384,
+    "moe_intermediate_size": 192,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 96,
+    "kv_lora_rank": 160,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "hidden_act": "silu",
+    "max_position_embeddings": 512,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 4,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 128,
+        "type": "yarn",
+    },
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "initializer_range": 0.02,
+    "use_cache": True,
+}
+
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
+def _random_tensor(name: str, spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
+    """Values with the character of trained weights: unit-RMS activations, norms near 1 (but not 1, so a
+    skipped norm changes the output), routers separated enough that routing is not a coin toss, and
+    correction biases of both signs (so masking dropped groups with -inf vs 0.0 matters)."""
+    shape = spec.shape
+    if name.endswith("e_score_correction_bias"):
+        return (torch.rand(shape, generator=gen) - 0.5) * 0.6
+    if name.endswith("norm.weight"):  # also every *layernorm.weight
+        return 1.0 + 0.2 * torch.randn(shape, generator=gen)
+    if "embed_tokens" in name:
+        return torch.randn(shape, generator=gen)
+    if name.endswith("mlp.gate.weight"):
+        return torch.randn(shape, generator=gen) * (3.0 / math.sqrt(shape[1]))
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+
+
+def _official_config_dict(config_dict: dict, fp8: bool, scale_fmt: str | None, dense_dtype: torch.dtype) -> dict:
+    import transformers
+
+    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **config_dict}
+    out.pop("quantization_config", None)
+    if fp8:
+        q = dict(FP8_QUANTIZATION_CONFIG)
+        if scale_fmt:
+            q["scale_fmt"] = scale_fmt
+        out["quantization_config"] = q
+    out["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
+    out["transformers_version"] = transformers.__version__
+    return dict(sorted(out.items()))
+
+
+def make_tiny_checkpoint(
+    path: str | os.PathLike,
+    *,
+    fp8: bool = True,
+    mtp: bool = True,
+    num_shards: int = 2,
+    seed: int = 0,
+    scale_fmt: str | None = None,
+    overrides: dict | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write a random tiny model in the exact official layout and return its directory.
+
+    Sharded safetensors named like the Hub's (``model-00001-of-000002.safetensors``) with
+    ``model.safetensors.index.json``; FP8 weights (float8_e4m3fn + float32 ``weight_scale_inv``, 128x128
+    blocks, power-of-two scales with ``scale_fmt="ue8m0"``) or BF16 weights; BF16 router weight, FP32
+    router bias, per-expert keys, and (``mtp=True``) the MTP layer with its extras, its embedding and
+    head copies of the main ones, all in the last shard as in the official files. ``overrides`` change
+    fields of :data:`TINY_CONFIG`. With ``tokenizer=True`` a small byte-level BPE with DeepSeek's special
+    tokens and chat template is saved alongside (so ``pipeline()`` and chat work), plus a greedy
+    ``generation_config.json``. The directory appears only when complete (:func:`~.atomic.atomic_directory`).
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+    path = Path(path)
+    config_dict = dict(TINY_CONFIG)
+    config_dict.update(overrides or {})
+    if not mtp:
+        config_dict["num_nextn_predict_layers"] = 0
+    config_dict = _official_config_dict(config_dict, fp8, scale_fmt, torch.bfloat16)
+    config = DeepseekV3PluginConfig.from_dict(config_dict)
+    layout = checkpoint_layout(config)
+    gen = torch.Generator().manual_seed(seed)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec in layout.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue  # produced together with its weight
+        mtp_copy = _mtp_copy_source(name, config)
+        if mtp_copy is not None:
+            tensors[name] = tensors[mtp_copy].clone()
+            continue
+        weight = _random_tensor(name, spec, gen)
+        if spec.dtype == FP8_DTYPE:
+            q, s = block_quantize(weight, config.fp8_block_size, scale_fmt)
+            tensors[name] = q
+            tensors[name[: -len("weight")] + SCALE_SUFFIX] = s
+        else:
+            tensors[name] = weight.to(spec.dtype).contiguous()
+    if "lm_head.weight" in tensors:  # write the MTP head copy from the final lm_head
+        for i in mtp_layer_indices(config):
+            tensors[f"model.layers.{i}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+
+    shards = _assign_shards(list(layout), tensors, num_shards, config)
+    with atomic_directory(path) as staging:
+        weight_map = {}
+        for file, names in shards.items():
+            save_file({n: tensors[n] for n in names}, str(staging / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (staging / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        )
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
+        if tokenizer and config.vocab_size >= 300:
+            from ..integrations.tokenizer import build_tiny_tokenizer
+
+            tok = build_tiny_tokenizer(config.vocab_size)
+            tok.save_pretrained(staging)
+            generation["pad_token_id"] = tok.pad_token_id
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return path
+
+
+def _mtp_copy_source(name: str, config) -> str | None:
+    """MTP's embedding is a copy of the main embedding (the head copy is filled in afterwards)."""
+    if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
+        return "model.embed_tokens.weight"
+    if name.endswith(".shared_head.head.weight"):
+        return "model.embed_tokens.weight" if config.tie_word_embeddings else None
+    return None
+
+
+def _assign_shards(order: list[str], tensors: dict[str, torch.Tensor], num_shards: int, config) -> dict[str, list[str]]:
+    """Contiguous, roughly equal-byte shards in layout order; MTP tensors go to the last shard."""
+    mtp_prefixes = tuple(f"model.layers.{i}." for i in mtp_layer_indices(config))
+    main = [n for n in order if not n.startswith(mtp_prefixes)]
+    mtp = [n for n in order if n.startswith(mtp_prefixes)]
+    names = [f"model-{i + 1:05d}-of-{num_shards:06d}.safetensors" for i in range(num_shards)]
+    main_shards = num_shards - 1 if (mtp and num_shards > 1) else num_shards
+    total = sum(tensors[n].numel() * tensors[n].element_size() for n in main)
+    target = total / main_shards
+    out: dict[str, list[str]] = {name: [] for name in names}
+    shard, acc = 0, 0
+    for n in main:
+        if acc >= target * (shard + 1) and shard < main_shards - 1:
+            shard += 1
+        out[names[shard]].append(n)
+        acc += tensors[n].numel() * tensors[n].element_size()
+    out[names[-1]].extend(mtp)
+    return {k: v for k, v in out.items() if v}

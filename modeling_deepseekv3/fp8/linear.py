@@ -1,0 +1,147 @@
+"""``FP8Linear``: a linear layer whose weight stays float8_e4m3fn with its 128x128 block scales.
+
+The format is in :mod:`.format`; the CPU kernels (and their reference twin) in :mod:`.kernels`. This
+module picks, per call, how an FP8 linear computes: the dequantize-then-``F.linear`` reference, or a
+fused kernel for inference on CPU with few rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .format import DEFAULT_BLOCK_SIZE, FP8_DTYPE, apply_keeping_dtype, block_dequantize, block_quantize, scale_shape
+from .kernels import FUSED_MAX_ROWS, compiled_fp8_matmul
+
+__all__ = ["FP8Linear", "fp8_linear"]
+
+
+def _fast_path_ok(x: torch.Tensor, mode: str) -> bool:
+    if mode == "dequant" or x.device.type != "cpu":
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """``x @ dequant(W).T`` whose backward re-dequantizes ``W`` instead of keeping the dense copy: autograd
+    would otherwise save the dequantized weight of every FP8 layer for the backward pass (4 bytes per
+    parameter in FP32 -- more memory than a dense model, whose weights are saved by reference)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale_inv, block_size):
+        ctx.save_for_backward(weight, scale_inv)
+        ctx.block_size = block_size
+        return F.linear(x, block_dequantize(weight, scale_inv, block_size, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale_inv = ctx.saved_tensors
+        w = block_dequantize(weight, scale_inv, ctx.block_size, grad_out.dtype)
+        return grad_out @ w, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto") -> torch.Tensor:
+    """``F.linear(x, dequant(weight))`` choosing the fastest exact-enough path (see above)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _FP8LinearFunction.apply(x, weight, scale_inv, tuple(block_size))
+        return out + bias.to(x.dtype) if bias is not None else out
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if 0 < rows <= FUSED_MAX_ROWS and _fast_path_ok(x, mode):
+        # plain tensors, not Parameters: dynamo keeps parameter shapes static, which would recompile the
+        # kernel for every weight shape (and give up after 8)
+        out = compiled_fp8_matmul(x.reshape(rows, x.shape[-1]), weight.detach(), scale_inv.detach(), block_size)
+        if out is not None:
+            out = out.view(*x.shape[:-1], weight.shape[0])
+            return out + bias.to(x.dtype) if bias is not None else out
+    w = block_dequantize(weight, scale_inv, block_size, x.dtype)
+    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose weight stays float8_e4m3fn with its 128x128 block scales.
+
+    Not an ``nn.Linear`` subclass on purpose: libraries that swap ``nn.Linear`` (transformers' FP8
+    quantizer, bitsandbytes) leave it alone, and nobody multiplies the raw FP8 codes without the scales.
+    Parameters carry the checkpoint names (``weight``, ``weight_scale_inv``) so keys load 1:1 and
+    zero-copy from mmapped shards. Neither ever requires grad.
+
+    Compute (``compute`` attribute, from the config's ``fp8_compute``): ``"dequant"`` block-dequantizes the
+    weight to the input's dtype and multiplies with ``F.linear`` (the official demo's default
+    ``gemm_impl="bf16"`` path, spec §4.4; in BF16 the weight is rounded to BF16 first, as
+    ``fp8_cast_bf16`` does) -- the reference, used for training and on GPUs. ``"auto"`` additionally
+    uses, for inference on CPU with few rows (decode), a compiled kernel that converts the FP8 codes inside
+    the matmul (see :func:`fp8_linear`).
+
+    Casting: ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` leave this module's weight in
+    float8 and its scale in float32 (device moves apply as usual). Use ``dequantize_fp8=True`` or
+    ``deepseek-v3 convert`` to get dense weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        block_size=DEFAULT_BLOCK_SIZE,
+        device=None,
+        dtype=None,
+        compute: str = "auto",
+        scale_fmt: str | None = None,
+    ):
+        super().__init__()
+        self.compute = compute
+        self.scale_fmt = scale_fmt  # "ue8m0": requantization (LoRA merge) keeps power-of-two scales
+        self.compute_dtype = dtype  # read by PEFT to create adapters in the compute dtype
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = tuple(int(b) for b in block_size)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.weight_scale_inv = nn.Parameter(
+            torch.empty(scale_shape((out_features, in_features), self.block_size), dtype=torch.float32, device=device),
+            requires_grad=False,
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ``[out, in]`` weight in ``dtype``."""
+        return block_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block_size, self.bias, self.compute)
+
+    @torch.no_grad()
+    def set_dense_weight(self, weight: torch.Tensor, scale_fmt: str | None = None) -> None:
+        """Quantize ``weight`` ([out, in], any float dtype) into this module's FP8 weight and scales."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"expected a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}."
+            )
+        q, s = block_quantize(weight, self.block_size, scale_fmt)
+        self.weight.copy_(q.to(self.weight.device))
+        self.weight_scale_inv.copy_(s.to(self.weight_scale_inv.device))
+
+    def to_dense(self, dtype: torch.dtype) -> nn.Linear:
+        """A dense ``nn.Linear`` holding the dequantized weight (used by ``dequantize_fp8``)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(self.dequantized_weight(dtype), requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return dense
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtype(self, fn, ("weight", "weight_scale_inv"))
+        if self.bias is not None:
+            self._parameters["bias"] = nn.Parameter(fn(self.bias), requires_grad=self.bias.requires_grad)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"block_size={self.block_size}, bias={self.bias is not None}"
+        )

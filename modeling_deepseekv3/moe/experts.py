@@ -1,0 +1,169 @@
+"""The routed experts of one MoE layer, run over rows sorted by expert.
+
+Shape-suffix legend: A = assignments (rows, sorted by expert), D = hidden size, I = expert width,
+E = routed experts.
+
+Every expert is its own module (``mlp.experts.E.{gate,up,down}_proj``): checkpoint keys load 1:1 and
+zero-copy, Accelerate places and offloads single experts, PEFT and bitsandbytes see plain linears. Three
+ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference`:
+
+* **modules**: each active expert's module on its slice. Honours FP8 weights, PEFT wrappers, Accelerate
+  hooks, experts on other devices, and autograd. The reference-shaped path.
+* **plain**: dense, hook-free experts during inference: only the matmuls run per expert (written into
+  shared buffers); the activation and gating run once over all rows.
+* **grouped**: dense experts during inference, after the layer's first call re-homes their weights into two
+  stacked buffers (``gate_up [E, 2I, D]``, ``down [E, D, I]``): two grouped matmuls per layer. Each
+  expert's parameters keep their identity and names; only their ``.data`` becomes a view into the stack,
+  so optimizers, ``state_dict``, saving and autograd see nothing different (an optimizer step writes
+  through the views into the stack).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import SwiGLUMLP
+
+__all__ = ["RoutedExperts"]
+
+# torch >= 2.8 ships a grouped matmul (a loop of GEMMs in C++ on CPU, one kernel on recent GPUs)
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+class RoutedExperts(nn.ModuleList):
+    """``mlp.experts``: ``n_routed_experts`` SwiGLU modules; ``forward(x_AD, counts_E) -> y_AD``."""
+
+    def __init__(self, config):
+        super().__init__(SwiGLUMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts))
+        self.grouped = bool(config.moe_grouped_experts)
+        # (gate_up [E, 2I, D], down [E, D, I], data_ptrs of each expert's three weights) once stacked
+        self._stack: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]] | None = None
+        self._stack_tried = False
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``x_AD``: rows sorted by expert, ``counts_E[e]`` of them for expert ``e``."""
+        if x_AD.shape[0] == 0:
+            return x_AD.new_zeros(0, x_AD.shape[-1])
+        active = counts_E.nonzero().flatten().tolist()  # the one host sync
+        inference = not torch.is_grad_enabled()  # also the no-grad first pass of reentrant checkpointing
+        if inference and self._grouped_allowed(x_AD):
+            if self._stack_intact(x_AD, active) or (not self._stack_tried and self.stack()):
+                return self._run_stacked(x_AD, counts_E)
+        slices = list(zip(active, counts_E[active].tolist()))
+        if inference and all(_is_plain_expert(self[e], x_AD) for e in active):
+            return self._run_plain(x_AD, slices)
+        return self._run_modules(x_AD, slices)
+
+    # -- per-expert paths ------------------------------------------------------------------------------
+    def _run_modules(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
+        outs, start = [], 0
+        for expert_id, count in slices:
+            outs.append(self[expert_id](x_AD[start : start + count]).to(x_AD.device))
+            start += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _run_plain(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
+        a = x_AD.shape[0]
+        first = self[slices[0][0]]
+        gate_AI = x_AD.new_empty(a, first.intermediate_size)
+        up_AI = x_AD.new_empty(a, first.intermediate_size)
+        start = 0
+        for expert_id, count in slices:
+            expert, rows = self[expert_id], slice(start, start + count)
+            torch.mm(x_AD[rows], expert.gate_proj.weight.t(), out=gate_AI[rows])
+            torch.mm(x_AD[rows], expert.up_proj.weight.t(), out=up_AI[rows])
+            start += count
+        h_AI = first.act_fn(gate_AI).mul_(up_AI)
+        y_AD = x_AD.new_empty(a, x_AD.shape[1])
+        start = 0
+        for expert_id, count in slices:
+            rows = slice(start, start + count)
+            torch.mm(h_AI[rows], self[expert_id].down_proj.weight.t(), out=y_AD[rows])
+            start += count
+        return y_AD
+
+    # -- grouped path ----------------------------------------------------------------------------------
+    def _grouped_allowed(self, x: torch.Tensor) -> bool:
+        if not self.grouped or _GROUPED_MM is None:
+            return False
+        # inductor lowers torch._grouped_mm on CPU for BF16 only; under torch.compile other dtypes take the
+        # plain path (eager grouped_mm handles FP32 fine)
+        return not (torch.compiler.is_compiling() and x.dtype != torch.bfloat16)
+
+    @torch.no_grad()
+    def stack(self) -> bool:
+        """Re-home the dense expert weights into the two stacked buffers (module docstring). Returns False
+        and changes nothing unless every expert is a dense, hook-free ``nn.Linear`` trio on one device.
+        Tried automatically on the first inference call and again after the stack went stale (weights moved
+        or replaced); a failed attempt is not retried."""
+        self._stack_tried = True
+        self._stack = None
+        probe = self[0].gate_proj.weight
+        if _GROUPED_MM is None or probe.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if not all(_is_plain_expert(e, probe) for e in self):
+            return False
+        n, inter, hidden = len(self), self[0].intermediate_size, self[0].hidden_size
+        gate_up = probe.new_empty(n, 2 * inter, hidden)
+        down = probe.new_empty(n, hidden, inter)
+        ptrs = []
+        for i, e in enumerate(self):
+            gate_up[i, :inter].copy_(e.gate_proj.weight)
+            gate_up[i, inter:].copy_(e.up_proj.weight)
+            down[i].copy_(e.down_proj.weight)
+            e.gate_proj.weight.data = gate_up[i, :inter]
+            e.up_proj.weight.data = gate_up[i, inter:]
+            e.down_proj.weight.data = down[i]
+            ptrs.append((e.gate_proj.weight.data_ptr(), e.up_proj.weight.data_ptr(), e.down_proj.weight.data_ptr()))
+        self._stack = (gate_up, down, ptrs)
+        return True
+
+    def _stack_intact(self, x: torch.Tensor, active: list[int]) -> bool:
+        """Stacked, and the active experts' weights still live in the stack: a replaced module (PEFT), a
+        hook (Accelerate) or moved weights (``.to()``) end the stacking. Inactive experts are not read."""
+        if self._stack is None:
+            return False
+        gate_up, _, ptrs = self._stack
+        if gate_up.device != x.device or gate_up.dtype != x.dtype:
+            self._stack, self._stack_tried = None, False
+            return False
+        for e in active:
+            expert = self[e]
+            g, u, d = (expert.gate_proj, expert.up_proj, expert.down_proj)
+            if (
+                type(g) is not nn.Linear
+                or type(u) is not nn.Linear
+                or type(d) is not nn.Linear
+                or (g.weight.data_ptr(), u.weight.data_ptr(), d.weight.data_ptr()) != ptrs[e]
+                or expert._forward_pre_hooks
+                or g._forward_pre_hooks
+                or d._forward_pre_hooks
+            ):
+                self._stack, self._stack_tried = None, False
+                return False
+        return True
+
+    def _run_stacked(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        gate_up, down, _ = self._stack
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        inter = down.shape[-1]
+        h = _GROUPED_MM(x_AD, gate_up.transpose(1, 2), offs=offsets)  # (A, 2I)
+        h = self[0].act_fn(h[:, :inter]).mul_(h[:, inter:])  # (A, I)
+        return _GROUPED_MM(h, down.transpose(1, 2), offs=offsets)  # (A, D)
+
+
+def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
+    """Dense ``nn.Linear`` projections on ``x``'s device and dtype, no bias, no hooks of any kind."""
+    if expert._forward_hooks or expert._forward_pre_hooks or hasattr(expert, "_hf_hook"):
+        return False
+    for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
+        if type(proj) is not nn.Linear or proj.bias is not None or hasattr(proj, "_hf_hook"):
+            return False
+        if proj._forward_hooks or proj._forward_pre_hooks:
+            return False
+        w = proj.weight
+        if w.device != x.device or w.dtype != x.dtype or w.is_meta:
+            return False
+    return True
