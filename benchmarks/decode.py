@@ -74,7 +74,7 @@ def check_parity(ours_cfg, native_cfg, ours, native, dtype, seq=64):
     with torch.no_grad():
         for lo, hi in [(0, seq), (seq, seq + 1), (seq + 1, seq + 2), (seq + 2, seq + 3)]:
             cos, sin = our_rope(pos[:, lo:hi])
-            a = ours(x[:, lo:hi], (cos, sin), None, our_cache)
+            a = ours(x[:, lo:hi], (cos, sin), None, our_cache)[0]
             mask = None
             if hi - lo > 1:
                 mask = torch.ones(hi - lo, hi, dtype=torch.bool).tril(diagonal=lo)[None, None]

@@ -90,7 +90,7 @@ def layer_level(context: int) -> None:
         cache = LatentCache(config=cfg)
         with torch.no_grad():
             layer(x[:, :context], tuple(t[:, :context] for t in pe), None, cache)
-            outs[fmt] = layer(x[:, context:], tuple(t[:, context:] for t in pe), None, cache)
+            outs[fmt] = layer(x[:, context:], tuple(t[:, context:] for t in pe), None, cache)[0]
     print(f"one attention layer, V3 dims, decode at context {context}: relative error of the output vs fp32 cache")
     for fmt in ("fp8", "fp8_plain"):
         print(f"  {fmt:10s} {((outs[fmt] - outs['auto']).norm() / outs['auto'].norm()).item():.4f}")

@@ -44,6 +44,7 @@ __all__ = [
     "absorb_is_cheaper",
     "build_attention_mask",
     "latent_cache_update",
+    "packed_segment_ids",
 ]
 
 
@@ -208,9 +209,12 @@ class MLAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache=None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``attention_mask``: boolean ``[B, 1, S, T]`` (True = may attend), or None for plain causal
-        attention where query ``i`` sits at cache position ``T - S + i``."""
+        attention where query ``i`` sits at cache position ``T - S + i``. Returns ``(out [B, S, hidden],
+        probs [B, H, S, T] or None)``: the attention probabilities only with ``output_attentions`` (which
+        runs the expand path with an explicit softmax; ``attn_implementation="eager"`` does too)."""
         b, s, _ = hidden_states.shape
         cos, sin = position_embeddings  # (B, S, rope/2) each
         q = self.project_query(hidden_states)  # (B, H, S, 192)
@@ -219,16 +223,21 @@ class MLAttention(nn.Module):
         latent = self.project_latent(hidden_states, cos, sin)  # (B, S, 576)
         if cache is not None:
             latent = latent_cache_update(cache, latent, self.layer_idx)  # (B, T, 576)
-        if self.choose_path(s, latent.shape[1]) == "absorb":
+        probs = None
+        if not output_attentions and self.choose_path(s, latent.shape[1]) == "absorb":
             attend = self._latent_attention(q_pe, latent, attention_mask)
             out = self.kv_b_proj(q_nope, latent_attention=attend)  # (B, H, S, v)
         else:
-            out = self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, attention_mask)
+            eager = output_attentions or self.config._attn_implementation == "eager"
+            out, probs = self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, attention_mask, eager)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)  # (B, S, H*v)
-        return self.o_proj(out)
+        return self.o_proj(out), probs
 
-    def _attend_expanded(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Reference attention: expand the latent to per-head K/V and run SDPA. Returns ``[B, H, S, v]``."""
+    def _attend_expanded(
+        self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, eager: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference attention: expand the latent to per-head K/V, then SDPA (or, ``eager``, the explicit
+        ``softmax(q k^T * scale) v`` in float32 whose probabilities are returned). ``[B, H, S, v]``."""
         b, t, _ = latent.shape
         s = q.shape[2]
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -237,17 +246,20 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_pe = k_pe[:, None].expand(b, self.num_heads, t, self.qk_rope_head_dim)  # (B, H, T, 64)
         k = torch.cat((k_nope, k_pe), dim=-1)  # (B, H, T, 192)
-        if mask is None and 1 < s < t:
+        dropout = self.attention_dropout if self.training else 0.0
+        if mask is None and (1 < s < t or (eager and s > 1)):
             mask = _causal_mask(s, t, q.device)
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=mask is None and s == t and s > 1,
-            scale=self.scaling,
+        if eager:
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling  # (B, H, S, T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1).to(q.dtype)
+            weights = F.dropout(probs, p=dropout, training=True) if dropout else probs
+            return torch.matmul(weights, v), probs
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and s == t and s > 1, scale=self.scaling
         )  # (B, H, S, v)
+        return out, None
 
     def _latent_attention(self, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None):
         """Build the attention over the latent for :class:`LatentAbsorbingProjection` to call.
@@ -277,8 +289,38 @@ class MLAttention(nn.Module):
         return attend
 
 
+def packed_segment_ids(
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    past,
+    cu_seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``[B, S]`` ids of the packed sequences each token belongs to, or None when nothing is packed.
+
+    Padding-free batches (TRL's ``padding_free=True``, ``DataCollatorWithFlattening``) put several sequences
+    in one row with no attention mask; they are told apart by ``cu_seq_lens_q`` (sequence start offsets, batch
+    1) or, as transformers does, by ``position_ids`` that do not step by 1. Only a prompt without an
+    attention mask and without cached tokens is examined."""
+    if attention_mask is not None or not (isinstance(past, int) and past == 0):
+        return None
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.to(torch.long).flatten()
+        length = int(cu[-1])
+        starts = torch.zeros(length, dtype=torch.long, device=cu.device)
+        starts[cu[1:-1]] = 1
+        return starts.cumsum(0)[None]
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    first = position_ids[:, :1] - 1
+    segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B, S)
+    if not torch.compiler.is_compiling() and not bool(segments[:, -1].any()):
+        return None  # the one host sync, only when position_ids are passed without a mask
+    return segments
+
+
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, past, kv_len: int, device
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past, kv_len: int, device,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean ``[B, 1, S, kv_len]`` mask (True = may attend), or None when plain causal attention suffices.
 
@@ -287,7 +329,8 @@ def build_attention_mask(
     sits at cache index ``past + i`` and sees keys ``j <= past + i`` that are not padding; ``kv_len``
     exceeds ``past + S`` for a pre-allocated cache, whose unwritten slots are masked by position. A query
     on a padding token still sees itself, so its row never becomes all ``-inf`` (its output is ignored
-    but stays finite)."""
+    but stays finite). ``segment_ids`` (:func:`packed_segment_ids`) make the mask block-diagonal: a token
+    sees only earlier tokens of its own packed sequence."""
     q_pos = torch.arange(q_len, device=device)[:, None] + past  # (S, 1)
     k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T)
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -295,9 +338,12 @@ def build_attention_mask(
         return mask.to(device) | (k_pos == q_pos)[None, None]
     padded = attention_mask is not None and not bool(attention_mask.all())
     dense = isinstance(past, int) and kv_len == past + q_len
-    if dense and not padded and (q_len == 1 or past == 0):
+    if dense and not padded and segment_ids is None and (q_len == 1 or past == 0):
         return None
     mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, S, T)
+    if segment_ids is not None:
+        seg = segment_ids.to(device)
+        mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])  # (B, 1, S, S): same sequence only
     if padded:
         keep = attention_mask.to(device=device, dtype=torch.bool)
         if keep.shape[-1] < kv_len:  # pre-allocated cache: slots beyond the mask are masked by position

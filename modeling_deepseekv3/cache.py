@@ -88,11 +88,33 @@ class LatentLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, kv_lora_rank: int | None = None, latent_cache_format: str = "auto", **kwargs):
+        self.parts: dict[str, torch.Tensor] = {}
         super().__init__()
         self.kv_lora_rank = kv_lora_rank
         self.fmt = latent_cache_format
-        self.parts: dict[str, torch.Tensor] = {}
         self.dtype: torch.dtype | None = None
+
+    # The Cache API's per-layer ``keys`` / ``values``: the stored latent decoded to the compute dtype as one-head
+    # keys ``[B, 1, T, kv_lora_rank + rope]`` (a view, no copy, for the "auto" format) and zero-width values
+    # ``[B, 1, T, 0]`` -- what ``update`` returns and what tools inspecting a cache read. Read-only: write with
+    # ``update``.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._as_keys_values(self.codec.decode(self.parts, self.dtype))[0] if self.parts else None
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("LatentLayer.keys is the stored latent; write it with update().")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._as_keys_values(self.codec.decode(self.parts, self.dtype))[1] if self.parts else None
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("LatentLayer.values is derived from the stored latent; write with update().")
 
     # -- protocol -----------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:

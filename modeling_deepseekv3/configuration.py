@@ -139,6 +139,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     rope_interleave: bool = True
     attention_bias: bool = False
     attention_dropout: float = 0.0
+    output_router_logits: bool = False  # transformers' MoE convention: return each MoE layer's router logits
     # --- plugin knobs -------------------------------------------------------------------------
     load_mtp: bool = True
     dequantize_fp8: bool = False

@@ -37,9 +37,12 @@ class DecoderBlock(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        output_attentions: bool = False,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
+        hidden_states, _ = self.self_attn(  # the probabilities reach outputs.attentions by output recording
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, output_attentions
+        )
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -55,6 +58,7 @@ class DeepseekV3DecoderLayer(DecoderBlock):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        output_attentions: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        return self.block(hidden_states, position_embeddings, attention_mask, cache)
+        return self.block(hidden_states, position_embeddings, attention_mask, cache, output_attentions)

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import build_attention_mask
+from .attention import MLAttention, build_attention_mask, packed_segment_ids
 from .cache import LatentCache, StaticLatentCache
 from .checkpoint import load as checkpoint_load
 from .checkpoint.layout import skipped_mtp_key_patterns
@@ -88,6 +88,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
     _can_record_outputs = {
         "hidden_states": DeepseekV3DecoderLayer,
+        "attentions": OutputRecorder(MLAttention, index=1),
         "router_logits": OutputRecorder(TopkRouter, index=2),
         "router_indices": OutputRecorder(TopkRouter, index=0),
     }
@@ -129,13 +130,14 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         ``load_mtp`` defaults to loading the MTP layer only when the checkpoint has it."""
         kwargs = checkpoint_load.prepare_from_pretrained(cls, pretrained_model_name_or_path, kwargs)
         deferred_4bit = kwargs.pop("_deferred_4bit", None)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         checkpoint_load.finalize_loaded_model(model)
         if deferred_4bit is not None:  # FP8 checkpoint -> QLoRA base: dequantize and 4-bit each projection
             from .integrations.bitsandbytes import quantize_linears_4bit
 
             quantize_linears_4bit(model, deferred_4bit)
-        return model
+        return loaded
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
@@ -210,15 +212,16 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> DeepseekV3ModelOutput:
+        """``position_ids`` that restart (or ``cu_seq_lens_q``) without an ``attention_mask`` mark a packed,
+        padding-free batch: each sequence attends only to itself. ``output_attentions`` runs the expand
+        path with an explicit softmax and returns the probabilities per layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if output_attentions:
-            raise ValueError(
-                "output_attentions=True is not supported: MLA runs through scaled_dot_product_attention and "
-                "never materializes the attention matrix."
-            )
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
@@ -232,14 +235,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         b, s = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         kv_len = cache.get_mask_sizes(s, 0)[0] if cache is not None else s
+        segments = packed_segment_ids(position_ids, attention_mask, past, cu_seq_lens_q)
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
-        mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device)
+        mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device, segments)
         position_embeddings = self.rotary_emb(position_ids)
 
         hidden_states = inputs_embeds
         for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask, cache=cache)
+            hidden_states = layer(
+                hidden_states, position_embeddings, attention_mask=mask, cache=cache, output_attentions=output_attentions
+            )
         hidden_states = self.norm(hidden_states)
         return DeepseekV3ModelOutput(last_hidden_state=hidden_states, cache=cache)
 
@@ -315,8 +321,17 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DeepseekV3CausalLMOutput:
         shift_labels = kwargs.pop("shift_labels", None)
+        cu_seq_lens_q = kwargs.pop("cu_seq_lens_q", None)
+        for key in ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):  # varlen kernels' extras
+            kwargs.pop(key, None)
         has_labels = labels is not None or shift_labels is not None
         balance = has_labels and self.training and self.config.balance_loss_alpha > 0
+        flags = {  # None = the config's default, which capture_outputs reads only when the flag is absent
+            "output_hidden_states": output_hidden_states,
+            "output_attentions": output_attentions,
+            "output_router_logits": True if balance else output_router_logits,
+            "output_router_indices": True if balance else None,
+        }
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -324,11 +339,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            output_router_logits=output_router_logits or balance,
-            output_router_indices=balance,
+            cu_seq_lens_q=cu_seq_lens_q,
             return_dict=True,
+            **{k: v for k, v in flags.items() if v is not None},
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -345,6 +358,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             loss = lm_loss
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             if balance:
+                _check_router_gradients(self, outputs.router_logits)
                 per_layer = [
                     losses.balance_loss(idx, logits_TE, batch=outputs.last_hidden_state.shape[0],
                                         alpha=self.config.balance_loss_alpha, mask_BS=mask)
@@ -355,7 +369,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                     loss = loss + aux_loss
             if self.model.mtp_layers and self.config.mtp_loss_weight and input_ids is not None:
                 next_labels = losses.next_token_labels(labels, shift_labels)
-                mtp_loss = losses.mtp_loss(self, input_ids, outputs.last_hidden_state, next_labels, mask)
+                segments = packed_segment_ids(position_ids, attention_mask, 0, cu_seq_lens_q)
+                mtp_loss = losses.mtp_loss(
+                    self, input_ids, outputs.last_hidden_state, next_labels, mask, position_ids, segments
+                )
                 if self.training:
                     loss = loss + self.config.mtp_loss_weight * mtp_loss
         out = DeepseekV3CausalLMOutput(
@@ -366,9 +383,25 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if (output_router_logits or self.config.output_router_logits) else None,
         )
         return out if return_dict is not False else out.to_tuple()
+
+
+def _check_router_gradients(model, router_logits) -> None:
+    """The balance loss trains the routers through the recorded router logits. Reentrant activation
+    checkpointing runs the layers' first pass without autograd, so those logits carry no gradient and the
+    balance term would silently train nothing: refuse that when a router is trainable."""
+    if not router_logits or router_logits[0].requires_grad or not torch.is_grad_enabled():
+        return
+    if any(m.weight.requires_grad for m in model.modules() if isinstance(m, TopkRouter)):
+        raise ValueError(
+            "balance_loss_alpha > 0 trains the routers, but the router logits have no gradient here: reentrant "
+            "activation checkpointing (use_reentrant=True) runs the first pass without autograd. Use "
+            "activation_checkpointing_enable({'use_reentrant': False}) (transformers' default), freeze the "
+            "routers, or set balance_loss_alpha=0."
+        )
 
 
 class KimiK2Model(DeepseekV3Model):

@@ -29,8 +29,20 @@ def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: i
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
+def check_rope_type(config) -> None:
+    """Only YaRN or no scaling: a config edited after validation must not silently lose the scaling it asks for."""
+    rope = config.rope_parameters or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(
+            f"config field `rope_scaling.type` is {rope_type!r}; DeepSeek-V3 models use 'yarn' or none (this "
+            "model would otherwise run without the scaling you asked for)."
+        )
+
+
 def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[qk_rope_head_dim // 2]`` (float32, CPU) and the cos/sin multiplier."""
+    check_rope_type(config)
     dim = config.qk_rope_head_dim
     base = config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
@@ -97,6 +109,7 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.interleaved = bool(config.rope_interleave)
         self._cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
+        check_rope_type(config)  # now, not at the first forward
 
     def inv_freq(self, device: torch.device) -> tuple[torch.Tensor, float]:
         if device not in self._cache:

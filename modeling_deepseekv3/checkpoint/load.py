@@ -35,6 +35,9 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["check_checkpoint_against_model", "finalize_loaded_model", "prepare_from_pretrained"]
 
+#: Task heads a checkpoint may legitimately lack (saved from the base model): initialized, not refused.
+HEAD_KEYS = ("lm_head.weight",)
+
 
 def _has_mtp_keys(keys, config) -> bool:
     prefixes = tuple(f"model.layers.{i}." for i in mtp_layer_indices(config))
@@ -78,6 +81,8 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
             config = cls.config_class.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
         return config
 
+    if path is None:  # from_pretrained(None, config=..., state_dict=...): nothing on disk to check
+        return kwargs
     if is_4bit_request(kwargs.get("quantization_config")) and resolved_config().is_fp8:
         kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
     keys = _checkpoint_keys_for(os.fspath(path), kwargs)
@@ -153,6 +158,15 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
                 "%s: %s is %s; the official checkpoints store it in FP32 and BF16 rounding can change expert "
                 "choices.", found.file, key, found.dtype
             )
+    heads = [k for k in missing if k in HEAD_KEYS]
+    if heads and len(heads) == len(missing) and not is_base:
+        # a base-model (DeepseekV3Model) checkpoint under a causal-LM class: transformers' convention is a
+        # freshly initialized head plus a warning (and the key in the load report), not a refusal
+        logger.warning(
+            "The checkpoint has no %s (it was saved from a base model); it is newly initialized: train it before "
+            "use.", ", ".join(heads)
+        )
+        missing = []
     if missing:
         raise CheckpointError(_missing_message(missing, tensors, model.config))
 

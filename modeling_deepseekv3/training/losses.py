@@ -53,28 +53,44 @@ def next_token_labels(labels: torch.Tensor | None, shift_labels: torch.Tensor | 
 
 
 def mtp_loss(model, input_ids: torch.Tensor, hidden: torch.Tensor, next_labels: torch.Tensor,
-             attention_mask: torch.Tensor | None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the MTP layer(s), averaged over depths. ``hidden``: the main model's final
     (post-norm) hidden states ``[B, S, D]``; ``next_labels`` from :func:`next_token_labels` (-100 ignored).
-    Each MTP layer is called as a module, so gradient checkpointing recomputes it in backward."""
+    Position i of depth k runs at the main model's position id of slot i (as vLLM does). In a packed batch
+    (``segment_ids``) a position counts only when its inputs and its target lie in its own sequence. Each
+    MTP layer is called as a module, so gradient checkpointing recomputes it in backward."""
     layers = model.model.mtp_layers
     b, s = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(s, device=input_ids.device)[None]
+    position_ids = position_ids.expand(b, s)
     losses = []
     h = hidden
     for depth, layer in enumerate(layers, start=1):
         n = s - depth  # positions i with a known input token i+depth
         if n < 1:
             break
-        position_ids = torch.arange(n, device=input_ids.device)[None].expand(b, n)
-        pe = model.model.rotary_emb(position_ids)
+        pe = model.model.rotary_emb(position_ids[:, :n])
+        target = next_labels[:, depth : depth + n]  # position i predicts token i+depth+1
+        seg = None
+        if segment_ids is not None:
+            seg = segment_ids[:, :n]
+            after = F.pad(segment_ids[:, depth + 1 :], (0, 1), value=-1)  # segment of token i+depth+1
+            same = (seg == segment_ids[:, depth : depth + n]) & (seg == after[:, :n])
+            target = target.masked_fill(~same, -100)
         m = None
         if attention_mask is not None:
             valid = attention_mask[:, :n].bool() & attention_mask[:, depth : depth + n].bool()
-            m = build_attention_mask(valid.long(), b, n, 0, n, input_ids.device)
+            m = build_attention_mask(valid.long(), b, n, 0, n, input_ids.device, seg)
+        elif seg is not None:
+            m = build_attention_mask(None, b, n, 0, n, input_ids.device, seg)
         h, logits = layer(input_ids[:, depth : depth + n], h[:, :n], pe, m)
-        target = next_labels[:, depth : depth + n]  # position i predicts token i+depth+1
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                      ignore_index=-100))
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        if bool((target != -100).any()):
+            losses.append(F.cross_entropy(flat, target.reshape(-1), ignore_index=-100))
+        else:  # nothing to predict at this depth (all padding or boundaries): zero, graph kept
+            losses.append(flat.sum() * 0.0)
     if not losses:
         return hidden.new_zeros(())
     return torch.stack(losses).mean()

@@ -38,11 +38,11 @@ def test_absorb_equals_expand_prefill_and_decode(q_lora_rank, rope):
     for impl in ("expand", "absorb"):
         layer.config.mla_impl = impl
         with torch.no_grad():
-            full = layer(x, pe_all, None)
+            full = layer(x, pe_all, None)[0]
             cache = LatentCache(config=layer.config)
-            steps = [layer(x[:, :8], tuple(t[:, :8] for t in pe_all), None, cache)]
+            steps = [layer(x[:, :8], tuple(t[:, :8] for t in pe_all), None, cache)[0]]
             for i in range(8, 13):
-                steps.append(layer(x[:, i : i + 1], tuple(t[:, i : i + 1] for t in pe_all), None, cache))
+                steps.append(layer(x[:, i : i + 1], tuple(t[:, i : i + 1] for t in pe_all), None, cache)[0])
         outs[impl] = (full, torch.cat(steps, 1))
     torch.testing.assert_close(outs["absorb"][0], outs["expand"][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["absorb"][1], outs["expand"][0], rtol=1e-5, atol=1e-5)
@@ -61,7 +61,7 @@ def test_absorb_equals_expand_with_padding_mask():
     for impl in ("expand", "absorb"):
         layer.config.mla_impl = impl
         with torch.no_grad():
-            outs[impl] = layer(x, pe, mask)
+            outs[impl] = layer(x, pe, mask)[0]
     torch.testing.assert_close(outs["absorb"], outs["expand"], rtol=1e-5, atol=1e-5)
 
 

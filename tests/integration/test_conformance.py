@@ -1,0 +1,198 @@
+"""What transformers' own model test suite expects of a model, item by item (our tests; facts carried over from
+running its ModelTesterMixin suites against our classes, see benchmarks/conformance.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeling_deepseekv3 as ds
+from helpers import input_ids, load
+from modeling_deepseekv3.checkpoint import TINY_CONFIG
+
+
+def grads_of(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_gives_every_gradient(tiny_bf16_direct_q, reentrant):
+    """Every parameter, routed experts included, gets the gradient it gets without checkpointing (the
+    reentrant first pass runs without grad, which the grouped-expert path used to treat as inference and
+    re-home the expert parameters, so their gradients went to objects nobody held). The balance loss needs
+    router gradients, which reentrant checkpointing cannot give: it is refused there (below)."""
+    ids = input_ids(2, 32)
+    model = load(tiny_bf16_direct_q, balance_loss_alpha=0.0 if reentrant else 1e-4)
+    before = {n: id(p) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.eval()(ids)  # an inference call first: dense experts get stacked for grouped matmuls
+    assert model.model.layers[1].mlp.experts._stack is not None
+    assert {n: id(p) for n, p in model.named_parameters()} == before  # same parameter objects
+    reference = grads_of(model, ids)
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    checkpointed = grads_of(model, ids)
+    assert reference.keys() == checkpointed.keys()
+    assert sum(".mlp.experts." in n for n in reference) > 0.8 * 2 * 16 * 3  # routed experts that got tokens
+    for name in reference:
+        err = (checkpointed[name] - reference[name]).norm() / reference[name].norm().clamp(min=1e-12)
+        assert err < 1e-5, (name, err.item())
+
+
+def test_reentrant_checkpointing_refuses_a_balance_loss_it_cannot_train(tiny_bf16_direct_q):
+    model = load(tiny_bf16_direct_q).train()
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    ids = input_ids(2, 8)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model(ids, labels=ids)
+    for module in model.modules():  # frozen routers (LoRA): the balance term is only reported
+        if isinstance(module, ds.moe.TopkRouter):
+            module.weight.requires_grad_(False)
+    assert model(ids, labels=ids).aux_loss is not None
+
+
+def test_packed_batch_equals_the_sequences_one_by_one(tiny_fp8):
+    """Padding-free batches: restarts in position_ids (or cu_seq_lens_q, as TRL passes them) keep packed
+    sequences apart; logits and losses equal those of each sequence alone."""
+    model = load(tiny_fp8)
+    seqs = [input_ids(1, n, seed=n) for n in (7, 5, 9)]
+    packed = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(s).logits for s in seqs], 1)
+        by_positions = model(packed, position_ids=position_ids).logits
+        cu = torch.tensor([0, 7, 12, 21], dtype=torch.int32)
+        by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                      max_length_k=9).logits
+        unpacked = model(packed).logits  # without the boundaries the later sequences attend across
+    torch.testing.assert_close(by_positions, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(by_cu, alone, rtol=1e-4, atol=1e-4)
+    assert (unpacked[:, 7:] - alone[:, 7:]).abs().max() > 1e-2
+    # the losses (LM and MTP) of the packed batch are those of the sequences, boundary tokens excluded
+    labels = packed.clone()
+    labels[position_ids == 0] = -100  # what TRL's padding-free collator does
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids, labels=labels)
+        lm = sum(F.cross_entropy(model(s).logits[0, :-1], s[0, 1:], reduction="sum") for s in seqs) / (21 - 3)
+    torch.testing.assert_close(out.lm_loss, lm)
+    with torch.no_grad():
+        mtp_alone = [model(s, labels=s).mtp_loss for s in seqs]  # per-sequence means of n - 2 targets each
+    expected = sum(m * (s.shape[1] - 2) for m, s in zip(mtp_alone, seqs)) / sum(s.shape[1] - 2 for s in seqs)
+    torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_output_loading_info(tiny_fp8):
+    model, info = ds.DeepseekV3ForCausalLM.from_pretrained(tiny_fp8, dtype=torch.float32, output_loading_info=True)
+    assert isinstance(model, ds.DeepseekV3ForCausalLM) and not model.fp8_modules()["model.layers.1.self_attn.o_proj"].weight.requires_grad
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+
+
+def test_from_pretrained_with_a_state_dict_and_no_path(tiny_fp8):
+    source = load(tiny_fp8)
+    model = ds.DeepseekV3ForCausalLM.from_pretrained(None, config=source.config, state_dict=source.state_dict())
+    ids = input_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model.float()(ids).logits, source(ids).logits)
+
+
+def test_return_dict_false(tiny_fp8):
+    causal = load(tiny_fp8)
+    base = causal.model
+    ids = input_ids(1, 5)
+    with torch.no_grad():
+        out = base(ids, return_dict=False)
+        ref = base(ids)
+        assert isinstance(out, tuple) and torch.equal(out[0], ref.last_hidden_state)
+        lm = causal(ids, return_dict=False)
+        assert isinstance(lm, tuple) and torch.equal(lm[0], causal(ids).logits)
+
+
+def test_compile_in_fp32_and_bf16(tmp_path):
+    """torch.compile on CPU: fp32 takes the plain expert path (inductor's CPU grouped_mm is BF16-only). Every
+    expert is routed to (top-16 of 16), so BF16 rounding differences cannot flip routing."""
+    path = ds.make_tiny_checkpoint(tmp_path / "ckpt", fp8=False, mtp=False, overrides={"num_experts_per_tok": 16,
+                                                                                         "topk_group": 4})
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load(path, dtype=dtype)
+        ids = input_ids(1, 6)
+        with torch.no_grad():
+            eager = model(ids, use_cache=False).logits
+            compiled = torch.compile(model, backend="inductor")(ids, use_cache=False).logits
+        if dtype == torch.float32:
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        else:  # inductor keeps fused intermediates in fp32: BF16 rounding differs a little
+            assert ((compiled.float() - eager.float()).norm() / eager.float().norm()) < 2e-2
+
+
+def test_eager_attention_and_output_attentions(tiny_fp8):
+    """attn_implementation="eager" runs the explicit softmax (and equals SDPA); output_attentions returns the
+    probabilities of every layer, by keyword or by config, rows summing to one, causal."""
+    sdpa = load(tiny_fp8)
+    eager = load(tiny_fp8, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    ids = input_ids(2, 9)
+    with torch.no_grad():
+        a = eager(ids, output_attentions=True)
+        b = sdpa(ids)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    assert len(a.attentions) == 3 and a.attentions[0].shape == (2, 4, 9, 9)
+    probs = a.attentions[1]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 9))
+    assert probs.triu(1).abs().max() == 0
+    with torch.no_grad():
+        c = sdpa(ids, output_attentions=True)  # by keyword the SDPA model runs the eager path for this call
+    torch.testing.assert_close(c.attentions[2], a.attentions[2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eager"):  # transformers refuses the config flag with SDPA...
+        sdpa.config.output_attentions = True
+    eager.config.output_attentions = True  # ...and honours it with eager
+    with torch.no_grad():
+        assert len(eager(ids).attentions) == 3
+    eager.config.output_attentions = False
+    with torch.no_grad():
+        assert sdpa(ids).attentions is None
+        out = sdpa.generate(ids, max_new_tokens=3, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    assert len(out.attentions) == 3 and out.attentions[-1][0].shape[-1] == 11  # one per step, over the cache
+
+
+def test_unsupported_rope_type_is_an_error_not_a_no_op():
+    config = ds.DeepseekV3Config(**TINY_CONFIG)
+    config.rope_scaling = {"type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match=r"rope_scaling\.type"):
+        ds.DeepseekV3ForCausalLM(config)
+
+
+def test_causal_lm_from_a_base_model_checkpoint(tiny_bf16_direct_q, tmp_path, caplog):
+    """A checkpoint saved from DeepseekV3Model lacks lm_head: loaded into the causal-LM class the head is
+    initialized (and reported), as transformers does, while truly missing weights still fail loudly."""
+    base = ds.DeepseekV3Model.from_pretrained(tiny_bf16_direct_q, dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    model, info = ds.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
+                                                           output_loading_info=True)
+    assert "lm_head.weight" in info["missing_keys"]
+    assert torch.isfinite(model.lm_head.weight).all() and model.lm_head.weight.std() > 0
+    torch.testing.assert_close(model.model.embed_tokens.weight, base.embed_tokens.weight)
+    import safetensors.torch
+
+    shard = next((tmp_path / "base").glob("*.safetensors"))
+    tensors = safetensors.torch.load_file(shard)
+    tensors.pop("norm.weight")
+    safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ds.CheckpointError, match=r"norm\.weight"):
+        ds.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+
+
+def test_cache_layers_expose_the_latent_as_keys(tiny_fp8):
+    model = load(tiny_fp8)
+    ids = input_ids(2, 6)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    layer = cache.layers[0]
+    cfg = model.config
+    assert layer.keys.shape == (2, 1, 6, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert layer.values.shape == (2, 1, 6, 0)
+    assert torch.equal(layer.keys[:, 0], layer.latent)
+    with pytest.raises(AttributeError, match="update"):
+        layer.keys = torch.zeros(1)
