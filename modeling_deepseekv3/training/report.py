@@ -1,0 +1,75 @@
+"""What a pretraining run leaves for people: a loss-curve PNG and a model card (``README.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_loss_curve", "write_model_card"]
+
+
+def write_loss_curve(history: list[dict], path: Path) -> str | None:
+    """Train (LM and MTP) and eval loss against steps; None (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, [h["lm_loss"] for h in history], lw=0.8, alpha=0.8, label="train: next-token loss")
+    if any(h.get("mtp_loss") for h in history):
+        ax.plot(steps, [h["mtp_loss"] for h in history], lw=0.8, alpha=0.6, label="train: MTP loss (token i+2)")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", ms=3, label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
+    """``out/README.md``: what was trained on what, how, and what it scores -- for the exports too."""
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    final = summary.get("final", {})
+    lines = [
+        "# A DeepSeek-V3 in miniature, pretrained with `deepseek-v3 pretrain`",
+        "",
+        f"{n_params / 1e6:.1f}M parameters ({config.num_hidden_layers} layers: {config.first_k_dense_replace} dense, "
+        f"{config.num_hidden_layers - config.first_k_dense_replace} MoE with {config.n_routed_experts} routed experts "
+        f"(top-{config.num_experts_per_tok}, {config.n_group} groups / {config.topk_group} kept) + "
+        f"{config.n_shared_experts} shared; MLA with q/kv low rank {config.q_lora_rank}/{config.kv_lora_rank}; "
+        f"{config.num_nextn_predict_layers} MTP layer; vocabulary {config.vocab_size}).",
+        "",
+        "## Training",
+        f"- data: {summary.get('train_data')}; held out: {summary.get('eval_data')}",
+        f"- {summary.get('steps')} steps x {args.global_batch_size} sequences x {args.seq_len} tokens = "
+        f"{summary.get('tokens'):,} tokens; AdamW (0.9, 0.95, wd {args.weight_decay}), lr {args.lr} "
+        f"(warm-up {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), clip {args.grad_clip}, seed {args.seed}",
+        f"- DeepSeek-V3's objective: MTP weight {args.mtp_weight}, sequence-wise balance loss alpha "
+        f"{args.balance_alpha}, aux-loss-free bias update rate {args.bias_update_rate}"
+        + (", FP8 training recipe (1x128 / 128x128 tiles)" if args.fp8 else ""),
+        "",
+        "## Results",
+        "```",
+        json.dumps(final, indent=1),
+        "```",
+        "",
+        "![loss curve](loss_curve.png)" if summary.get("loss_curve") else "",
+        "",
+        "## Files",
+        "- `bf16/`: official layout, BF16; `fp8/`: official FP8 layout (128x128 blocks, `weight_scale_inv`).",
+        "  Both load with `modeling_deepseekv3.DeepseekV3ForCausalLM.from_pretrained` and transformers-native.",
+        "- `checkpoints/`: training state (torch.distributed.checkpoint) for `--resume`.",
+        "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
