@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8 import FP8Linear
+from .fp8.kernels import fp8_head_matmul
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
@@ -104,22 +105,43 @@ class KVBLinear(LatentAbsorbingProjection, nn.Linear):
 
 
 class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
-    """FP8 ``kv_b_proj``. The absorbed path needs the dense weight at every decode step; for inference
-    (``fp8_compute="auto"``, no autograd, weights resident -- not under an offload hook) the dequantized
-    weight is kept and reused while the FP8 tensors are unchanged: ``num_heads * 256 * kv_lora_rank``
-    values per layer (V3: 16.8M, 67 MB in FP32 / 34 MB in BF16), 1.1% of the model, instead of a
-    ~70 ms dequantization per layer per token on CPU."""
+    """FP8 ``kv_b_proj``. For inference on CPU (``fp8_compute="auto"``, no autograd, weights resident) the
+    absorbed path runs both per-head products -- ``q_nope W_UK`` (a contraction over the weight's rows) and
+    ``o_latent W_UV^T`` -- by the native kernel straight from the FP8 weight (:func:`~.fp8.kernels.fp8_head_matmul`).
+    Otherwise the dense weight is dequantized per call, as for training.
+
+    No dense copy is kept: the head kernels read 1 byte per weight where the copy read 4, and measured
+    (benchmarks/fp8_cpu.py part 2) they are faster than the copy at decode and on par for absorbed prompts,
+    so the copy's memory (V3: 64 MiB per layer in FP32, 3.8 GiB over 61 layers) buys nothing."""
+
+    def _head_kernels_apply(self, x: torch.Tensor) -> bool:
+        hook = getattr(self, "_hf_hook", None)
+        return (
+            self.compute == "auto"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not getattr(hook, "offload", False)
+        )
+
+    def forward(self, x: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if latent_attention is None or not self._head_kernels_apply(x):
+            return super().forward(x, latent_attention)
+        b, h, s, nope = x.shape
+        stride, w, sc, block = nope + self.v_head_dim, self.weight, self.weight_scale_inv, self.block_size
+        x_g = x.transpose(0, 1).reshape(h, b * s, nope)  # (H, B*S, nope)
+        q_latent = fp8_head_matmul(x_g, w, sc, block, stride, 0, nope, transpose=True)  # (H, B*S, r)
+        if q_latent is None:  # the native kernels do not apply here (device, dtype, no compiler)
+            return super().forward(x, latent_attention)
+        q_latent = q_latent.view(h, b, s, -1).transpose(0, 1)  # (B, H, S, r)
+        o_latent = latent_attention(q_latent)  # (B, H, S, r)
+        o_g = o_latent.transpose(0, 1).reshape(h, b * s, -1)  # (H, B*S, r)
+        out = fp8_head_matmul(o_g, w, sc, block, stride, nope, self.v_head_dim, transpose=False)  # (H, B*S, v)
+        if out is None:  # o_latent came back in a dtype the kernel does not take
+            w_uv = self.dense_weight(o_latent.dtype).view(h, stride, -1)[:, nope:]  # (H, v, r)
+            return torch.matmul(o_latent, w_uv.transpose(1, 2))  # (B, H, S, r) @ (H, r, v) -> (B, H, S, v)
+        return out.view(h, b, s, self.v_head_dim).transpose(0, 1)  # (B, H, S, v)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        hook = getattr(self, "_hf_hook", None)
-        if self.compute == "dequant" or torch.is_grad_enabled() or getattr(hook, "offload", False):
-            return self.dequantized_weight(dtype)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight_scale_inv._version, dtype, self.weight.device)
-        cached = self.__dict__.get("_dense_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.dequantized_weight(dtype))
-            self.__dict__["_dense_cache"] = cached
-        return cached[1]
+        return self.dequantized_weight(dtype)
 
     def to_dense(self, dtype: torch.dtype) -> KVBLinear:
         dense = KVBLinear(self.in_features, self.out_features, bias=False, device="meta")

@@ -70,9 +70,11 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         Trades 2x (BF16) or 4x (FP32) weight memory for not dequantizing on every forward.
     ``fp8_compute`` ("auto" | "dequant", default "auto")
         How FP8 linears compute. "dequant": block-dequantize the weight each call, then ``F.linear`` (the
-        reference; used for training and on GPUs either way). "auto": for inference on CPU, compiled
-        kernels (torch.compile) that convert the FP8 codes inside the matmul -- 20x faster at decode; the
-        first call compiles for a few seconds; without a working compiler it falls back with a warning.
+        reference; used for training and on GPUs either way). "auto": for inference on CPU, a native
+        kernel that reads the FP8 weight directly (1 byte per parameter) with fp32 accumulation, also for
+        the absorbed attention's kv_b_proj; built once per machine and cached (``scripts/setup.sh`` does
+        it ahead of time), no compile in new processes; without a C++ compiler or AVX2 it says so once and
+        computes as "dequant" does.
     ``moe_grouped_experts`` (bool, default True)
         For inference with dense (BF16/FP32) experts, on a layer's first call re-home its experts' weights
         into two stacked buffers (parameters become views; names and saving unchanged) and run each layer's

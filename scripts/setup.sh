@@ -17,5 +17,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -e ".[test]"
   } >"$log" 2>&1 || { tail -n 30 "$log"; echo "setup failed; see $log" >&2; exit 1; }
   .venv/bin/python -c "import torch, transformers, modeling_deepseekv3"
+  .venv/bin/python -c "from modeling_deepseekv3.fp8 import native; native.load()"  # build the FP8 CPU kernel once
   touch "$stamp"
 fi

@@ -1,20 +1,33 @@
-"""CPU compute kernels for ``y = x @ dequant(W_fp8, S).T``, each beside its slow reference twin.
+"""CPU compute for ``y = x @ dequant(W_fp8, S).T``: the native kernels' entry points, each beside its slow
+reference twin.
 
-Eager FP8 -> float conversion runs at ~3-6 ns per element (not vectorized), 20-60x the cost of the
-matmul it feeds. Compiled with torch.compile (inductor), the conversion is fused into the matmul's
-reduction, so the weight is read once, as one byte per element. That wins while few rows share the
-weight (decode); for more rows one dequantization amortizes and BLAS is faster.
+The fast paths are the C++ kernels of :mod:`.native` (they read the FP8 weight directly, 1 byte per
+parameter; decode is memory-bound, so that is up to 4x less traffic than an fp32-resident weight). Eager
+torch has no fast FP8 -> float conversion (~3-6 ns per element, 20-60x the cost of the matmul it feeds), no
+CPU built-in takes 128x128 block scales (``torch._scaled_mm`` on CPU accepts tensor- and row-wise scales
+only), and a torch.compile'd kernel compiled for seconds per weight shape and process and was still
+slower than fp32 on AVX2 machines -- hence native code. The entry points here return None wherever the
+native kernels do not apply (no compiler, no AVX2, another device or dtype), and callers then take the
+dequantize-then-``F.linear`` path, which gives the same answer more slowly.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-__all__ = ["FUSED_MAX_ROWS", "compiled_fp8_matmul", "fp8_matmul_reference"]
+from . import native
+from .format import FP8_DTYPE, block_dequantize, scale_shape
 
-FUSED_MAX_ROWS = 24  # measured crossover (benchmarks/moe.py): fused 1.9 ms/row vs ~70 ms per dequant
+__all__ = [
+    "fp8_dequantize",
+    "fp8_head_matmul",
+    "fp8_head_matmul_reference",
+    "fp8_matmul",
+    "fp8_matmul_reference",
+    "native_applies",
+]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def fp8_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
@@ -37,34 +50,62 @@ def fp8_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch
     return y.to(x.dtype)
 
 
-_COMPILED: dict[str, object] = {}
-_COMPILE_BROKEN = False
+def fp8_head_matmul_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, row_stride: int, row_offset: int,
+    rows: int, transpose: bool,
+) -> torch.Tensor:
+    """Twin of :func:`fp8_head_matmul`: group ``g`` multiplies with ``W_g = dequant(W)[g * row_stride +
+    row_offset :][:rows]`` in float32, ``x [G, T, N] @ W_g.T`` or (``transpose``) ``x [G, T, rows] @ W_g``."""
+    w = block_dequantize(weight, scale_inv, block_size)  # (M, N) fp32
+    starts = torch.arange(x.shape[0]) * row_stride + row_offset
+    w_g = w[starts[:, None] + torch.arange(rows)]  # (G, rows, N)
+    out = torch.matmul(x.float(), w_g if transpose else w_g.transpose(1, 2))  # (G, T, N) or (G, T, rows)
+    return out.to(x.dtype)
 
 
-def _compiled(name: str, fn):
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
-    return _COMPILED[name]
+def native_applies(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> bool:
+    """Whether the native kernels can compute this product: CPU tensors, float32/bfloat16 input, a
+    contiguous float8_e4m3fn weight with a well-shaped scale grid, and the library loaded (built on first
+    use; warns once and says False where it cannot be)."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and scale_inv.device.type == "cpu"
+        and x.dtype in _INPUT_DTYPES
+        and weight.dtype == FP8_DTYPE
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and tuple(scale_inv.shape) == scale_shape(weight.shape, block_size)
+        and native.available()
+    )
 
 
-def compiled_fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size):
-    """The compiled twin of :func:`fp8_matmul_reference`; returns None (after warning once) when
-    compilation is impossible here (no C++ compiler, ...), so the caller takes the eager path."""
-    global _COMPILE_BROKEN
-    if _COMPILE_BROKEN:
+def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor | None:
+    """``x2d [T, N] @ dequant(weight).T`` in ``x2d``'s dtype by the native kernel, or None where it does not
+    apply (see :func:`native_applies`). No autograd: for inference."""
+    if not native_applies(x2d, weight, scale_inv, block_size):
         return None
-    try:
-        # one kernel per (few rows vs one row) x (aligned vs partial blocks) x ...: more variants than
-        # dynamo's default limit of 8 across a model's weight shapes; beyond it dynamo would silently run
-        # eager. The limit is raised only while this call runs.
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return _compiled("matmul", fp8_matmul_reference)(x2d, weight, scale_inv, block_size)
-    except Exception as exc:
-        _COMPILE_BROKEN = True
-        warnings.warn(
-            f"FP8 fast path unavailable ({type(exc).__name__}: {exc}); using eager block dequantization, which is "
-            "much slower on CPU. Set fp8_compute='dequant' to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    return native.linear(x2d, weight.detach(), scale_inv.detach().float().contiguous(), block_size)
+
+
+def fp8_head_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, row_stride: int, row_offset: int,
+    rows: int, transpose: bool,
+) -> torch.Tensor | None:
+    """Per-group products with row ranges of one FP8 weight (:func:`.native.head_matmul`), or None where
+    the native kernels do not apply. No autograd: for inference."""
+    if not native_applies(x, weight, scale_inv, block_size):
         return None
+    return native.head_matmul(
+        x, weight.detach(), scale_inv.detach().float().contiguous(), block_size, row_stride, row_offset, rows, transpose
+    )
+
+
+def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in ``dtype``: bit-identical to :func:`~.format.block_dequantize` (its reference twin),
+    by the native kernel on CPU where it applies (~10x faster than eager torch, which converts FP8 at a few ns
+    per element)."""
+    if dtype in _INPUT_DTYPES and native_applies(weight.new_empty(0, dtype=dtype), weight, scale_inv, block_size):
+        w = native.dequantize(weight.detach(), scale_inv.detach().float().contiguous(), block_size)  # (M, N) fp32
+        return w if dtype == torch.float32 else w.to(dtype)
+    return block_dequantize(weight, scale_inv, block_size, dtype)

@@ -1,8 +1,8 @@
 """``FP8Linear``: a linear layer whose weight stays float8_e4m3fn with its 128x128 block scales.
 
-The format is in :mod:`.format`; the CPU kernels (and their reference twin) in :mod:`.kernels`. This
-module picks, per call, how an FP8 linear computes: the dequantize-then-``F.linear`` reference, or a
-fused kernel for inference on CPU with few rows.
+The format is in :mod:`.format`; the CPU kernels (and their reference twins) in :mod:`.kernels`. This
+module picks, per call, how an FP8 linear computes: the dequantize-then-``F.linear`` reference, or, for
+inference on CPU, the native kernel that reads the FP8 weight directly.
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .format import DEFAULT_BLOCK_SIZE, FP8_DTYPE, apply_keeping_dtype, block_dequantize, block_quantize, scale_shape
-from .kernels import FUSED_MAX_ROWS, compiled_fp8_matmul
+from .kernels import fp8_dequantize, fp8_matmul
 
 __all__ = ["FP8Linear", "fp8_linear"]
-
-
-def _fast_path_ok(x: torch.Tensor, mode: str) -> bool:
-    if mode == "dequant" or x.device.type != "cpu":
-        return False
-    return not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -42,15 +36,15 @@ class _FP8LinearFunction(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto") -> torch.Tensor:
-    """``F.linear(x, dequant(weight))`` choosing the fastest exact-enough path (see above)."""
+    """``F.linear(x, dequant(weight))``. With autograd: the re-dequantizing autograd function. ``mode="auto"``
+    for inference on CPU (float32/bfloat16 input): the native kernel (fp32 accumulation, exact to fp32
+    rounding against :func:`~.kernels.fp8_matmul_reference`). Otherwise, and wherever the kernel does not
+    apply: dequantize to ``x``'s dtype, then ``F.linear`` (the reference)."""
     if torch.is_grad_enabled() and x.requires_grad:
         out = _FP8LinearFunction.apply(x, weight, scale_inv, tuple(block_size))
         return out + bias.to(x.dtype) if bias is not None else out
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if 0 < rows <= FUSED_MAX_ROWS and _fast_path_ok(x, mode):
-        # plain tensors, not Parameters: dynamo keeps parameter shapes static, which would recompile the
-        # kernel for every weight shape (and give up after 8)
-        out = compiled_fp8_matmul(x.reshape(rows, x.shape[-1]), weight.detach(), scale_inv.detach(), block_size)
+    if mode == "auto" and x.numel():
+        out = fp8_matmul(x.reshape(-1, x.shape[-1]), weight, scale_inv, block_size)
         if out is not None:
             out = out.view(*x.shape[:-1], weight.shape[0])
             return out + bias.to(x.dtype) if bias is not None else out
@@ -69,9 +63,9 @@ class FP8Linear(nn.Module):
     Compute (``compute`` attribute, from the config's ``fp8_compute``): ``"dequant"`` block-dequantizes the
     weight to the input's dtype and multiplies with ``F.linear`` (the official demo's default
     ``gemm_impl="bf16"`` path, spec §4.4; in BF16 the weight is rounded to BF16 first, as
-    ``fp8_cast_bf16`` does) -- the reference, used for training and on GPUs. ``"auto"`` additionally
-    uses, for inference on CPU with few rows (decode), a compiled kernel that converts the FP8 codes inside
-    the matmul (see :func:`fp8_linear`).
+    ``fp8_cast_bf16`` does) -- the reference, used for training and on GPUs. ``"auto"`` uses, for inference
+    on CPU, the native kernel of :mod:`.native` that reads the FP8 weight directly and accumulates in fp32
+    (see :func:`fp8_linear`); where it cannot be built or run, the reference.
 
     Casting: ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` leave this module's weight in
     float8 and its scale in float32 (device moves apply as usual). Use ``dequantize_fp8=True`` or
@@ -109,8 +103,9 @@ class FP8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense ``[out, in]`` weight in ``dtype``."""
-        return block_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
+        """The dense ``[out, in]`` weight in ``dtype`` (exactly :func:`~.format.block_dequantize`'s; natively
+        on CPU)."""
+        return fp8_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.block_size, self.bias, self.compute)

@@ -1,0 +1,949 @@
+// Block-scaled FP8 matmuls on CPU that read the float8_e4m3fn weight directly (1 byte per parameter).
+//
+// Format (fp8/format.py): weight W_q [M, N] float8_e4m3fn, scale S [ceil(M/bm), ceil(N/bn)] float32,
+// W[i, j] = float(W_q[i, j]) * S[i / bm, j / bn]; the last block of a dimension may be partial.
+//
+// Why these kernels look the way they do:
+// * Decode is memory-bound: one token multiplies every weight once. Reading 1 byte per weight instead of
+//   4 (fp32) or 2 (bf16) is the whole gain, so the "stream" kernels read each weight row once, widen the
+//   codes in registers and accumulate in fp32 -- no dequantized copy is ever written.
+// * e4m3 -> float without a lookup: sign-extend the byte to 16 bits and shift left by 7. The 4 exponent and
+//   3 mantissa bits land in the low exponent / high mantissa bits of an IEEE half, the sign in bit 15, and
+//   bit 14 is cleared: that half is exactly code * 2^-8 (subnormal codes included, since e4m3 subnormals
+//   map onto half subnormals bit for bit). F16C / AVX-512 convert halves to float. The 2^8 goes into the
+//   scale. e4m3fn has no infinities; its NaN codes (S.1111.111) would decode as +-1.875 * 2^-8, so they are
+//   turned into half NaNs explicitly -- a weight NaN propagates as it does in the reference.
+// * Block scales: for output rows inside one 128-row block the scale depends only on the K block, so the
+//   input row is multiplied once by the scale row (x_s[k] = x[k] * S[rb, k / bn] * 2^8, T x N work per row
+//   block, 1/128 of the matmul) and the inner loop is a plain FMA of widened codes with x_s. For the
+//   transposed product (x @ W, used by the absorbed MLA's W_UK) the scale varies along the output instead:
+//   partial sums over each row block are kept in registers and multiplied by the scale row once per block,
+//   which is the reference formula as written.
+// * Many rows (prefill) are compute-bound and BLAS is much better at that than anything short here:
+//   the weight is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize)
+//   and multiplied with aten::mm into the output columns. The weight stays FP8 in memory.
+// * One translation unit, per-function target attributes (AVX2+FMA+F16C, AVX-512 F/BW/VL) and run-time
+//   dispatch through cpuid: one build runs on any x86-64; elsewhere no variant exists and Python falls back.
+// * Threads: torch's intra-op pool through the stable ABI (torch::stable::parallel_for), so
+//   torch.set_num_threads applies and the kernel never oversubscribes the cores torch already uses.
+//
+// Built against torch's stable C ABI (no pybind11, no ATen headers): compiles in seconds, loads in < 1 ms.
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#include <immintrin.h>
+#define DSV3_X86 1
+#else
+#define DSV3_X86 0
+#endif
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr int64_t ISA_AUTO = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512VBMI = 3;
+constexpr int64_t KPAD = 64;  // scaled-input rows are zero-padded to a multiple of this (>= any vector step)
+constexpr int64_t KCHUNK = 512;  // codes per row widened at a time on the many-rows path (4 rows: 8 KB of L1)
+
+// ---- CPU features ----------------------------------------------------------------------------------------
+
+int64_t detect_isa_mask() {
+#if DSV3_X86
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!(osxsave && avx && fma && f16c)) return 0;
+  unsigned xlo = 0, xhi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));  // which register states the OS saves
+  if ((xlo & 0x6) != 0x6) return 0;                             // XMM + YMM
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+  int64_t mask = 0;
+  if (b & (1u << 5)) mask |= 1 << ISA_AVX2;
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
+  if ((mask & (1 << ISA_AVX2)) && avx512 && (xlo & 0xE6) == 0xE6) mask |= 1 << ISA_AVX512;  // + opmask, ZMM
+  if ((mask & (1 << ISA_AVX512)) && (c & (1u << 1))) mask |= 1 << ISA_AVX512VBMI;            // + VBMI
+  return mask;
+#else
+  return 0;
+#endif
+}
+
+int64_t isa_mask() {
+  static const int64_t mask = detect_isa_mask();
+  return mask;
+}
+
+int64_t resolve_isa(int64_t isa) {
+  const int64_t mask = isa_mask();
+  if (isa == ISA_AUTO) {
+    if (mask & (1 << ISA_AVX512VBMI)) return ISA_AVX512VBMI;
+    if (mask & (1 << ISA_AVX512)) return ISA_AVX512;
+    if (mask & (1 << ISA_AVX2)) return ISA_AVX2;
+    STD_TORCH_CHECK(false, "deepseekv3_fp8: this CPU has no AVX2+FMA+F16C; use the torch fallback");
+  }
+  STD_TORCH_CHECK(isa >= ISA_AVX2 && isa <= ISA_AVX512VBMI, "deepseekv3_fp8: unknown isa ", isa);
+  STD_TORCH_CHECK(mask & (1 << isa), "deepseekv3_fp8: isa ", isa, " is not supported by this CPU");
+  return isa;
+}
+
+// ---- scalar helpers --------------------------------------------------------------------------------------
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float read_x(const void* base, ScalarType dt, int64_t off) {
+  return dt == ScalarType::Float ? static_cast<const float*>(base)[off]
+                                 : bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+}
+
+inline void write_out(void* base, ScalarType dt, int64_t off, float v) {
+  if (dt == ScalarType::Float) {
+    static_cast<float*>(base)[off] = v;
+  } else {
+    static_cast<uint16_t*>(base)[off] = float_to_bf16(v);
+  }
+}
+
+// ---- per-ISA inner kernels -------------------------------------------------------------------------------
+// tile<R, TT>: res[r * TT + t] = sum_k xs[t * ldx + k] * code(w[r * ldw + k]) * 2^-8 for k < K, where xs has
+//   zero padding up to a multiple of KPAD (so the weight tail may be read from a zero-padded copy).
+// colt<TT>: acc[t * lda + j] += scale[j] * sum_{i < n_rows} x[t * ldx + i] * code(w[i * ldw + j]) * 2^-8 for
+//   the CW columns j of one column tile (ncols <= CW of them real; the rest come from zero-padded copies).
+// dequant_row: dst[j] = code(w[j]) * 2^-8 * scale[j] for j < N.
+
+using TileFn = void (*)(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res);
+using ColFn = void (*)(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows, int64_t ncols,
+                       const float* scale, float* acc, int64_t lda);
+using DequantFn = void (*)(const uint8_t* w, int64_t N, const float* scale, float* dst);
+// conv: dst[k] = code(w[k]) in the tiles' unit and order, k < n real codes, zeros up to n_pad (a KPAD multiple)
+using ConvFn = void (*)(const uint8_t* w, int64_t n, int64_t n_pad, float* dst);
+// fma<R, TT>: acc[r * lda + t * VW + lane] += sum over the n (a KPAD multiple) columns of wbuf[r] * xs[t]
+using FmaFn = void (*)(const float* wbuf, int64_t ldw, const float* xs, int64_t ldx, int64_t n, float* acc, int64_t lda);
+// outer<TT>: out[t * ldo + j] = sum_{i < n_rows} x[t * ldx + i] * wbuf[i * ldb + j] for the col_width columns j of
+//   one column tile (wbuf, out padded to whole tiles)
+using OuterFn = void (*)(const float* x, int64_t ldx, const float* wbuf, int64_t ldb, int64_t n_rows, float* out,
+                         int64_t ldo);
+
+struct Kernels {
+  const int* x_perm;     // tile's order of the codes within each KPAD block (nullptr: in order)
+  float tile_unit;       // value of a code as the tiles widen it, relative to float(code): 2^-8 or 1
+  int tt_max;            // input rows per tile
+  int col_tt_max;        // input rows per column tile
+  int64_t col_width;     // columns per column tile
+  TileFn tile[2][5];     // [R == 4][TT]
+  ColFn col[5];          // [TT]
+  DequantFn dequant_row;
+  int vw;                // floats per vector
+  int fma_tt_max;        // input rows per fma tile
+  ConvFn conv;
+  FmaFn fma[2][5];       // [R == 4][TT]
+  OuterFn outer[5];      // [TT], TT <= col_tt_max
+};
+
+#if DSV3_X86
+
+#define DSV3_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define DSV3_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#define DSV3_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#define DSV3_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl"), always_inline)) inline
+
+// -- AVX2 + FMA + F16C: 16 codes -> two 8-float vectors
+DSV3_AVX2_INLINE void cvt16(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(short(0xBF80)));
+  const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7FFF)), _mm256_set1_epi16(0x3F80));
+  h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+DSV3_AVX2_INLINE float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R, int TT>
+DSV3_AVX2_INLINE void step_avx2(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx, __m256 (&acc)[R][TT]) {
+  __m256 xl[TT], xh[TT];
+  for (int t = 0; t < TT; ++t) {
+    xl[t] = _mm256_loadu_ps(xs + t * ldx);
+    xh[t] = _mm256_loadu_ps(xs + t * ldx + 8);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 lo, hi;
+    cvt16(wp[r], lo, hi);
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(hi, xh[t], _mm256_fmadd_ps(lo, xl[t], acc[r][t]));
+  }
+}
+
+template <int R, int TT>
+DSV3_AVX2 void tile_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  __m256 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t kmain = K & ~int64_t(15);
+  for (int64_t k = 0; k < kmain; k += 16) {
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + k;
+    step_avx2<R, TT>(wp, xs + k, ldx, acc);
+  }
+  if (kmain < K) {  // tail: zero-padded copies of the last codes (xs is zero-padded there too)
+    alignas(32) uint8_t pad[R][16] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));
+      wp[r] = pad[r];
+    }
+    step_avx2<R, TT>(wp, xs + kmain, ldx, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = hsum256(acc[r][t]);
+}
+
+template <int TT>
+DSV3_AVX2 void col_avx2(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows, int64_t ncols,
+                        const float* scale, float* acc_out, int64_t lda) {
+  constexpr int CW = 32;
+  __m256 acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm256_setzero_ps();
+  alignas(32) uint8_t pad[CW] = {};
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const uint8_t* wp = w + i * ldw;
+    if (ncols < CW) {
+      std::memcpy(pad, wp, size_t(ncols));
+      wp = pad;
+    }
+    __m256 v[4];
+    cvt16(wp, v[0], v[1]);
+    cvt16(wp + 16, v[2], v[3]);
+    for (int t = 0; t < TT; ++t) {
+      const __m256 xb = _mm256_broadcast_ss(x + t * ldx + i);
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm256_fmadd_ps(v[q], xb, acc[t][q]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) {  // acc_out and scale are padded to whole column tiles
+      float* o = acc_out + t * lda + 8 * q;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(acc[t][q], _mm256_loadu_ps(scale + 8 * q), _mm256_loadu_ps(o)));
+    }
+}
+
+DSV3_AVX2 void dequant_row_avx2(const uint8_t* w, int64_t N, const float* scale, float* dst) {
+  alignas(32) uint8_t pad[16];
+  alignas(32) float tmp[16];
+  for (int64_t j = 0; j < N; j += 16) {
+    const bool tail = j + 16 > N;
+    const uint8_t* wp = w + j;
+    if (tail) {
+      std::memset(pad, 0, 16);
+      std::memcpy(pad, wp, size_t(N - j));
+      wp = pad;
+    }
+    __m256 lo, hi;
+    cvt16(wp, lo, hi);
+    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(scale + j));  // scale is padded to a multiple of KPAD
+    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(scale + j + 8));
+    if (!tail) {
+      _mm256_storeu_ps(dst + j, lo);
+      _mm256_storeu_ps(dst + j + 8, hi);
+    } else {
+      _mm256_store_ps(tmp, lo);
+      _mm256_store_ps(tmp + 8, hi);
+      std::memcpy(dst + j, tmp, size_t(N - j) * sizeof(float));
+    }
+  }
+}
+
+
+DSV3_AVX2 void conv_avx2(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
+  alignas(32) uint8_t pad[16];
+  for (int64_t k = 0; k < n_pad; k += 16) {
+    const uint8_t* wp = w + k;
+    if (k + 16 > n) {
+      std::memset(pad, 0, 16);
+      if (k < n) std::memcpy(pad, w + k, size_t(n - k));
+      wp = pad;
+    }
+    __m256 lo, hi;
+    cvt16(wp, lo, hi);
+    _mm256_storeu_ps(dst + k, lo);
+    _mm256_storeu_ps(dst + k + 8, hi);
+  }
+}
+
+template <int R, int TT>
+DSV3_AVX2 void fma_avx2(const float* wb, int64_t ldw, const float* xs, int64_t ldx, int64_t n, float* acc_mem,
+                        int64_t lda) {
+  __m256 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_loadu_ps(acc_mem + r * lda + t * 8);
+  for (int64_t k = 0; k < n; k += 8) {
+    __m256 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(xs + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_loadu_ps(wb + r * ldw + k);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) _mm256_storeu_ps(acc_mem + r * lda + t * 8, acc[r][t]);
+}
+
+
+template <int TT>
+DSV3_AVX2 void outer_avx2(const float* x, int64_t ldx, const float* wb, int64_t ldb, int64_t n_rows, float* out,
+                          int64_t ldo) {
+  __m256 acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n_rows; ++i) {
+    __m256 v[4];
+    for (int q = 0; q < 4; ++q) v[q] = _mm256_loadu_ps(wb + i * ldb + 8 * q);
+    for (int t = 0; t < TT; ++t) {
+      const __m256 xb = _mm256_broadcast_ss(x + t * ldx + i);
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm256_fmadd_ps(v[q], xb, acc[t][q]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + t * ldo + 8 * q, acc[t][q]);
+}
+
+// -- AVX-512 F/BW/VL: 32 codes -> two 16-float vectors
+DSV3_AVX512_INLINE void cvt32(const uint8_t* p, __m512& lo, __m512& hi) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 7), _mm512_set1_epi16(short(0xBF80)));
+  const __mmask32 nan = _mm256_cmpeq_epi8_mask(_mm256_and_si256(b, _mm256_set1_epi8(0x7F)), _mm256_set1_epi8(0x7F));
+  h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7E00));  // a quiet half NaN
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
+template <int R, int TT>
+DSV3_AVX512_INLINE void step_avx512(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx,
+                                    __m512 (&acc)[R][TT]) {
+  __m512 xl[TT], xh[TT];
+  for (int t = 0; t < TT; ++t) {
+    xl[t] = _mm512_loadu_ps(xs + t * ldx);
+    xh[t] = _mm512_loadu_ps(xs + t * ldx + 16);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 lo, hi;
+    cvt32(wp[r], lo, hi);
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(hi, xh[t], _mm512_fmadd_ps(lo, xl[t], acc[r][t]));
+  }
+}
+
+template <int R, int TT>
+DSV3_AVX512 void tile_avx512(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t kmain = K & ~int64_t(31);
+  for (int64_t k = 0; k < kmain; k += 32) {
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + k;
+    step_avx512<R, TT>(wp, xs + k, ldx, acc);
+  }
+  if (kmain < K) {
+    alignas(64) uint8_t pad[R][32] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));
+      wp[r] = pad[r];
+    }
+    step_avx512<R, TT>(wp, xs + kmain, ldx, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int TT>
+DSV3_AVX512 void col_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows,
+                            int64_t ncols, const float* scale, float* acc_out, int64_t lda) {
+  constexpr int CW = 64;
+  __m512 acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+  alignas(64) uint8_t pad[CW] = {};
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const uint8_t* wp = w + i * ldw;
+    if (ncols < CW) {
+      std::memcpy(pad, wp, size_t(ncols));
+      wp = pad;
+    }
+    __m512 v[4];
+    cvt32(wp, v[0], v[1]);
+    cvt32(wp + 32, v[2], v[3]);
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + i]);
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(v[q], xb, acc[t][q]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) {
+      float* o = acc_out + t * lda + 16 * q;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(acc[t][q], _mm512_loadu_ps(scale + 16 * q), _mm512_loadu_ps(o)));
+    }
+}
+
+
+DSV3_AVX512 void conv_avx512(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
+  alignas(64) uint8_t pad[32];
+  for (int64_t k = 0; k < n_pad; k += 32) {
+    const uint8_t* wp = w + k;
+    if (k + 32 > n) {
+      std::memset(pad, 0, 32);
+      if (k < n) std::memcpy(pad, w + k, size_t(n - k));
+      wp = pad;
+    }
+    __m512 lo, hi;
+    cvt32(wp, lo, hi);
+    _mm512_storeu_ps(dst + k, lo);
+    _mm512_storeu_ps(dst + k + 16, hi);
+  }
+}
+
+template <int R, int TT>
+DSV3_AVX512 void fma_avx512(const float* wb, int64_t ldw, const float* xs, int64_t ldx, int64_t n, float* acc_mem,
+                            int64_t lda) {
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_loadu_ps(acc_mem + r * lda + t * 16);
+  for (int64_t k = 0; k < n; k += 16) {
+    __m512 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_ps(xs + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_loadu_ps(wb + r * ldw + k);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) _mm512_storeu_ps(acc_mem + r * lda + t * 16, acc[r][t]);
+}
+
+
+template <int TT>
+DSV3_AVX512 void outer_avx512(const float* x, int64_t ldx, const float* wb, int64_t ldb, int64_t n_rows, float* out,
+                              int64_t ldo) {
+  __m512 acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n_rows; ++i) {
+    __m512 v[4];
+    for (int q = 0; q < 4; ++q) v[q] = _mm512_loadu_ps(wb + i * ldb + 16 * q);
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + i]);
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(v[q], xb, acc[t][q]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + t * ldo + 16 * q, acc[t][q]);
+}
+
+DSV3_AVX512 void dequant_row_avx512(const uint8_t* w, int64_t N, const float* scale, float* dst) {
+  alignas(64) uint8_t pad[32];
+  for (int64_t j = 0; j < N; j += 32) {
+    const int64_t n = std::min<int64_t>(32, N - j);
+    const uint8_t* wp = w + j;
+    if (n < 32) {
+      std::memset(pad, 0, 32);
+      std::memcpy(pad, wp, size_t(n));
+      wp = pad;
+    }
+    __m512 lo, hi;
+    cvt32(wp, lo, hi);
+    lo = _mm512_mul_ps(lo, _mm512_loadu_ps(scale + j));
+    hi = _mm512_mul_ps(hi, _mm512_loadu_ps(scale + j + 16));
+    const __mmask16 mlo = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 mhi = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+    _mm512_mask_storeu_ps(dst + j, mlo, lo);
+    _mm512_mask_storeu_ps(dst + j + 16, mhi, hi);
+  }
+}
+
+
+// -- AVX-512 VBMI: 64 codes -> four 16-float vectors through two 128-entry byte tables (vpermi2b), no
+//    half conversion. Each code's exact bfloat16 value (e4m3 has 3 mantissa bits, bf16 7; subnormal codes
+//    are normal bf16 numbers; the NaN code maps to a bf16 NaN) is looked up as a high and a low byte,
+//    interleaved into 16-bit words, and a bf16 word becomes a float by a shift (even words) or a mask (odd
+//    words). The interleaving leaves the 64 codes in a fixed order (kVbmiPerm), which the scaled input row
+//    is stored in, so the FMAs pair each code with its own input. Two shuffles per 32 codes instead of five.
+#define DSV3_VBMI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi")))
+#define DSV3_VBMI_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi"), always_inline)) inline
+
+struct Bf16Tables {
+  alignas(64) uint8_t hi[128];
+  alignas(64) uint8_t lo[128];
+  int perm[KPAD];
+  Bf16Tables() {
+    for (int m = 0; m < 128; ++m) {  // e4m3fn magnitude code -> bf16 bits
+      const int e = m >> 3, f = m & 7;
+      const float v = e == 0 ? float(f) / 8.0f / 64.0f : (1.0f + float(f) / 8.0f) * float(1 << e) / 128.0f;
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      const uint16_t h = m == 0x7F ? uint16_t(0x7FC0) : uint16_t(u >> 16);
+      hi[m] = uint8_t(h >> 8);
+      lo[m] = uint8_t(h & 0xFF);
+    }
+    for (int v = 0; v < 4; ++v)  // position 16 v + d of the tile's vectors holds this code of the 64
+      for (int d = 0; d < 16; ++d) perm[16 * v + d] = 16 * (d / 4) + 8 * (v / 2) + 2 * (d % 4) + (v % 2);
+  }
+};
+const Bf16Tables kBf16;
+
+struct VbmiConsts {
+  __m512i hi0, hi1, lo0, lo1, sign, top;
+};
+
+DSV3_VBMI_INLINE VbmiConsts vbmi_consts() {
+  return {_mm512_load_si512(kBf16.hi), _mm512_load_si512(kBf16.hi + 64), _mm512_load_si512(kBf16.lo),
+          _mm512_load_si512(kBf16.lo + 64), _mm512_set1_epi8(char(0x80)), _mm512_set1_epi32(int(0xFFFF0000u))};
+}
+
+DSV3_VBMI_INLINE void cvt64(const uint8_t* p, const VbmiConsts& k, __m512 (&v)[4]) {
+  const __m512i c = _mm512_loadu_si512(p);
+  __m512i hi = _mm512_permutex2var_epi8(k.hi0, c, k.hi1);  // index bits 0..6; bit 7 (sign) ignored
+  const __m512i lo = _mm512_permutex2var_epi8(k.lo0, c, k.lo1);
+  hi = _mm512_ternarylogic_epi32(hi, c, k.sign, 0xF8);  // hi | (c & 0x80): the sign
+  const __m512i wa = _mm512_unpacklo_epi8(lo, hi), wb = _mm512_unpackhi_epi8(lo, hi);
+  v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(wa, 16));
+  v[1] = _mm512_castsi512_ps(_mm512_and_si512(wa, k.top));
+  v[2] = _mm512_castsi512_ps(_mm512_slli_epi32(wb, 16));
+  v[3] = _mm512_castsi512_ps(_mm512_and_si512(wb, k.top));
+}
+
+// independent accumulators per (row, input row): enough FMA chains in flight to hide the FMA latency
+constexpr int vbmi_chains(int R, int TT) { return R * TT <= 4 ? 4 : R * TT <= 8 ? 2 : 1; }
+
+template <int R, int TT, int A>
+DSV3_VBMI_INLINE void step_vbmi(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx, const VbmiConsts& k,
+                                __m512 (&acc)[R][TT][A]) {
+  for (int r = 0; r < R; ++r) {
+    __m512 v[4];
+    cvt64(wp[r], k, v);
+    for (int t = 0; t < TT; ++t)
+      for (int q = 0; q < 4; ++q)
+        acc[r][t][q % A] = _mm512_fmadd_ps(v[q], _mm512_loadu_ps(xs + t * ldx + 16 * q), acc[r][t][q % A]);
+  }
+}
+
+template <int R, int TT>
+DSV3_VBMI void tile_vbmi(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  constexpr int A = vbmi_chains(R, TT);
+  const VbmiConsts k = vbmi_consts();
+  __m512 acc[R][TT][A];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t)
+      for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_ps();
+  const int64_t kmain = K & ~int64_t(63);
+  for (int64_t kk = 0; kk < kmain; kk += 64) {
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + kk;
+    step_vbmi<R, TT, A>(wp, xs + kk, ldx, k, acc);
+  }
+  if (kmain < K) {
+    alignas(64) uint8_t pad[R][64] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));
+      wp[r] = pad[r];
+    }
+    step_vbmi<R, TT, A>(wp, xs + kmain, ldx, k, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) {
+      __m512 sum = acc[r][t][0];
+      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][t][a]);
+      res[r * TT + t] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+
+DSV3_VBMI void conv_vbmi(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
+  const VbmiConsts k = vbmi_consts();
+  alignas(64) uint8_t pad[64];
+  for (int64_t kk = 0; kk < n_pad; kk += 64) {
+    const uint8_t* wp = w + kk;
+    if (kk + 64 > n) {
+      std::memset(pad, 0, 64);
+      if (kk < n) std::memcpy(pad, w + kk, size_t(n - kk));
+      wp = pad;
+    }
+    __m512 v[4];
+    cvt64(wp, k, v);
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(dst + kk + 16 * q, v[q]);
+  }
+}
+
+#define DSV3_TILES(fn) \
+  {{fn<1, 1>, fn<1, 1>, fn<1, 2>, fn<1, 3>, fn<1, 4>}, {fn<4, 1>, fn<4, 1>, fn<4, 2>, fn<4, 3>, fn<4, 4>}}
+#define DSV3_COLS(fn) {fn<1>, fn<1>, fn<2>, fn<3>, fn<4>}
+#define DSV3_FMAS(fn) DSV3_TILES(fn)
+
+const Kernels kAvx2 = {nullptr, 1.0f / 256, 2, 2, 32, DSV3_TILES(tile_avx2), DSV3_COLS(col_avx2), dequant_row_avx2,
+                          8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2)};
+const Kernels kAvx512 = {nullptr, 1.0f / 256, 4, 4, 64, DSV3_TILES(tile_avx512), DSV3_COLS(col_avx512), dequant_row_avx512,
+                            16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
+
+// the VBMI tiles stream; its column and dequantization kernels are the AVX-512 ones
+const Kernels kAvx512Vbmi = {kBf16.perm, 1.0f, 4, 4, 64, DSV3_TILES(tile_vbmi), DSV3_COLS(col_avx512),
+                                dequant_row_avx512, 16, 4, conv_vbmi, DSV3_FMAS(fma_avx512),
+                                DSV3_COLS(outer_avx512)};
+
+const Kernels& kernels_for(int64_t isa) {
+  switch (resolve_isa(isa)) {
+    case ISA_AVX512VBMI: return kAvx512Vbmi;
+    case ISA_AVX512: return kAvx512;
+    default: return kAvx2;
+  }
+}
+
+#else  // no x86: Python never calls in (the ISA mask is 0); keep the ops defined with a clear error
+
+const Kernels& kernels_for(int64_t isa) {
+  resolve_isa(isa);  // throws
+  static const Kernels none{};
+  return none;
+}
+
+#endif
+
+// ---- argument checks -------------------------------------------------------------------------------------
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+
+void check_weight(const Tensor& weight, const Tensor& scale, int64_t bm, int64_t bn) {
+  STD_TORCH_CHECK(weight.is_cpu() && scale.is_cpu(), "deepseekv3_fp8: weight and scale_inv must be on the CPU");
+  STD_TORCH_CHECK(weight.scalar_type() == ScalarType::Float8_e4m3fn, "deepseekv3_fp8: weight must be float8_e4m3fn");
+  STD_TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "deepseekv3_fp8: weight must be a contiguous 2-D tensor");
+  STD_TORCH_CHECK(scale.scalar_type() == ScalarType::Float && scale.is_contiguous(),
+                  "deepseekv3_fp8: scale_inv must be a contiguous float32 tensor");
+  STD_TORCH_CHECK(bm > 0 && bn > 0, "deepseekv3_fp8: block sizes must be positive");
+  STD_TORCH_CHECK(scale.dim() == 2 && scale.size(0) == cdiv(weight.size(0), bm) && scale.size(1) == cdiv(weight.size(1), bn),
+                  "deepseekv3_fp8: scale_inv must have shape [ceil(M/bm), ceil(N/bn)] = [", cdiv(weight.size(0), bm),
+                  ", ", cdiv(weight.size(1), bn), "]");
+}
+
+void check_input(const Tensor& x) {
+  STD_TORCH_CHECK(x.is_cpu(), "deepseekv3_fp8: the input must be on the CPU");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16,
+                  "deepseekv3_fp8: the input must be float32 or bfloat16");
+}
+
+// ---- shared pieces of the drivers ------------------------------------------------------------------------
+
+// x [G, T, K] (any strides, fp32/bf16) -> contiguous fp32
+std::vector<float> input_f32(const Tensor& x, int64_t G, int64_t T, int64_t K) {
+  std::vector<float> out(size_t(G * T * K));
+  const void* base = x.const_data_ptr();
+  const ScalarType dt = x.scalar_type();
+  const int64_t sg = x.dim() == 3 ? x.stride(0) : 0, st = x.stride(x.dim() - 2), sk = x.stride(x.dim() - 1);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < T; ++t) {
+      float* dst = out.data() + (g * T + t) * K;
+      const int64_t o = g * sg + t * st;
+      if (dt == ScalarType::Float && sk == 1) {
+        std::memcpy(dst, static_cast<const float*>(base) + o, size_t(K) * sizeof(float));
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst[k] = read_x(base, dt, o + k * sk);
+      }
+    }
+  return out;
+}
+
+// scale row of row block rb, expanded per column and divided by the widened codes' unit (2^-8 for the half
+// trick: exact, a power of two), zero-padded
+void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np,
+               float unit = 1.0f / 256) {
+  const float* s = scale + rb * nb;
+  const float f = 1.0f / unit;
+  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * f;
+  std::fill(dst + N, dst + Np, 0.0f);
+}
+
+// d[64 b + p] <- d[64 b + perm[p]]: the scaled input in the order a tile reads the codes
+void permute_blocks(float* d, int64_t Kp, const int* perm, float* scratch) {
+  for (int64_t b = 0; b < Kp; b += KPAD) {
+    std::memcpy(scratch, d + b, KPAD * sizeof(float));
+    for (int p = 0; p < KPAD; ++p) d[b + p] = scratch[perm[p]];
+  }
+}
+
+// ---- stream: out[g, t, r] = x[g, t, :] @ W[row(g, r), :] ----------------------------------------------------
+// row(g, r) = g * row_stride + row_offset + r, r < rows. The plain linear is G = 1, row_stride = row_offset = 0.
+
+void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t T, int64_t K, const Tensor& weight,
+            const Tensor& scale, int64_t bm, int64_t bn, int64_t row_stride, int64_t row_offset, int64_t rows,
+            void* out, ScalarType out_dt) {
+  const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const float* s = static_cast<const float*>(scale.const_data_ptr());
+  const int64_t N = weight.size(1), nb = scale.size(1), Kp = round_up(K, KPAD);
+  // units of work: (group, first row, end row), never crossing a row block, at most `chunk` rows
+  const int64_t chunk = 32;
+  struct Unit { int64_t g, r0, r1; };
+  std::vector<Unit> units;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t base = g * row_stride + row_offset;
+    for (int64_t r = 0; r < rows;) {
+      const int64_t block_end = ((base + r) / bm + 1) * bm - base;
+      const int64_t r1 = std::min({rows, block_end, r + chunk});
+      units.push_back({g, r, r1});
+      r = r1;
+    }
+  }
+  torch::stable::parallel_for(0, int64_t(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> xs(static_cast<size_t>(T * Kp), 0.0f), srow(static_cast<size_t>(Kp));
+    float scratch[KPAD];
+    std::vector<float> wbuf(T > kn.tt_max ? size_t(4 * KCHUNK) : 0), accm(T > kn.tt_max ? size_t(4 * T * kn.vw) : 0);
+    int64_t have_g = -1, have_rb = -1;
+    float res[4 * 4];
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& unit = units[size_t(u)];
+      const int64_t base = unit.g * row_stride + row_offset;
+      const int64_t rb = (base + unit.r0) / bm;
+      if (unit.g != have_g || rb != have_rb) {  // x_s[t, k] = x[g, t, k] * S[rb, k / bn] * 2^8
+        scale_row(s, nb, rb, K, bn, srow.data(), Kp, kn.tile_unit);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* xr = x32.data() + (unit.g * T + t) * K;
+          float* d = xs.data() + t * Kp;
+          for (int64_t k = 0; k < K; ++k) d[k] = xr[k] * srow[size_t(k)];
+          if (kn.x_perm != nullptr) permute_blocks(d, Kp, kn.x_perm, scratch);
+        }
+        have_g = unit.g;
+        have_rb = rb;
+      }
+      if (T <= kn.tt_max) {  // few rows: widen the codes in registers, straight into the FMAs
+        const int tt = int(T);
+        for (int64_t r = unit.r0; r < unit.r1;) {
+          const int R = unit.r1 - r >= 4 ? 4 : 1;
+          kn.tile[R == 4][tt](xs.data(), Kp, w + (base + r) * N, N, K, res);
+          for (int i = 0; i < R; ++i)
+            for (int t = 0; t < tt; ++t) write_out(out, out_dt, (unit.g * T + t) * rows + r + i, res[i * tt + t]);
+          r += R;
+        }
+        continue;
+      }
+      // more rows: widen each K chunk of R weight rows once into an L1-sized buffer, then run every input
+      // row against it (widening, not the FMAs, would otherwise dominate: it would repeat per tile)
+      for (int64_t r = unit.r0; r < unit.r1;) {
+        const int R = unit.r1 - r >= 4 ? 4 : 1;
+        const int64_t lda = T * kn.vw;
+        std::fill(accm.begin(), accm.begin() + R * lda, 0.0f);
+        for (int64_t kc = 0; kc < Kp; kc += KCHUNK) {
+          const int64_t n = std::min(KCHUNK, Kp - kc);
+          for (int i = 0; i < R; ++i)
+            kn.conv(w + (base + r + i) * N + kc, std::max<int64_t>(0, std::min(n, K - kc)), n, wbuf.data() + i * KCHUNK);
+          for (int64_t t0 = 0; t0 < T; t0 += kn.fma_tt_max) {
+            const int tt = int(std::min<int64_t>(kn.fma_tt_max, T - t0));
+            kn.fma[R == 4][tt](wbuf.data(), KCHUNK, xs.data() + t0 * Kp + kc, Kp, n, accm.data() + t0 * kn.vw, lda);
+          }
+        }
+        for (int i = 0; i < R; ++i)
+          for (int64_t t = 0; t < T; ++t) {
+            const float* a = accm.data() + i * lda + t * kn.vw;
+            float sum = 0.0f;
+            for (int l = 0; l < kn.vw; ++l) sum += a[l];
+            write_out(out, out_dt, (unit.g * T + t) * rows + r + i, sum);
+          }
+        r += R;
+      }
+    }
+  });
+}
+
+// ---- cols: out[g, t, j] = x[g, t, :] @ W[row(g, 0) : row(g, 0) + rows, j] (contraction over weight rows) ----
+
+void cols(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t T, const Tensor& weight,
+          const Tensor& scale, int64_t bm, int64_t bn, int64_t row_stride, int64_t row_offset, int64_t rows,
+          void* out, ScalarType out_dt) {
+  const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const float* s = static_cast<const float*>(scale.const_data_ptr());
+  const int64_t N = weight.size(1), nb = scale.size(1), CW = kn.col_width, Np = round_up(N, std::max(CW, KPAD));
+  const bool many = T > kn.col_tt_max;
+  torch::stable::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> acc(static_cast<size_t>(T * Np)), srow(static_cast<size_t>(Np));
+    std::vector<float> wbuf(many ? static_cast<size_t>(rows * Np) : 0, 0.0f);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t base = g * row_stride + row_offset;
+      const float* xg = x32.data() + g * T * rows;
+      if (many) {  // dequantize the group's rows once (exact values, L2-sized), then a plain fp32 product
+        int64_t have_rb = -1;
+        for (int64_t i = 0; i < rows; ++i) {
+          if ((base + i) / bm != have_rb) {
+            have_rb = (base + i) / bm;
+            scale_row(s, nb, have_rb, N, bn, srow.data(), Np);
+          }
+          kn.dequant_row(w + (base + i) * N, N, srow.data(), wbuf.data() + i * Np);
+        }
+        for (int64_t j0 = 0; j0 < N; j0 += CW)
+          for (int64_t t0 = 0; t0 < T; t0 += kn.col_tt_max) {
+            const int tt = int(std::min<int64_t>(kn.col_tt_max, T - t0));
+            kn.outer[tt](xg + t0 * rows, rows, wbuf.data() + j0, Np, rows, acc.data() + t0 * Np + j0, Np);
+          }
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t i = 0; i < rows;) {  // one row block at a time: its scale row multiplies its partial sums
+          const int64_t rb = (base + i) / bm;
+          const int64_t i1 = std::min(rows, (rb + 1) * bm - base);
+          scale_row(s, nb, rb, N, bn, srow.data(), Np);
+          for (int64_t j0 = 0; j0 < N; j0 += CW) {
+            for (int64_t t0 = 0; t0 < T; t0 += kn.col_tt_max) {
+              const int tt = int(std::min<int64_t>(kn.col_tt_max, T - t0));
+              kn.col[tt](xg + t0 * rows + i, rows, w + (base + i) * N + j0, N, i1 - i, std::min(CW, N - j0),
+                         srow.data() + j0, acc.data() + t0 * Np + j0, Np);
+            }
+          }
+          i = i1;
+        }
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < N; ++j) write_out(out, out_dt, (g * T + t) * N + j, acc[size_t(t * Np + j)]);
+    }
+  });
+}
+
+// ---- dequantize rows [r0, r1) of the weight into dst [r1 - r0, N] fp32 -------------------------------------
+
+void dequant_rows(const Kernels& kn, const Tensor& weight, const Tensor& scale, int64_t bm, int64_t bn, int64_t r0,
+                  int64_t r1, float* dst) {
+  const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const float* s = static_cast<const float*>(scale.const_data_ptr());
+  const int64_t N = weight.size(1), nb = scale.size(1), Np = round_up(N, KPAD);
+  torch::stable::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    std::vector<float> srow(static_cast<size_t>(Np));
+    int64_t have_rb = -1;
+    for (int64_t i = a; i < b; ++i) {
+      if (i / bm != have_rb) {
+        have_rb = i / bm;
+        scale_row(s, nb, have_rb, N, bn, srow.data(), Np);
+      }
+      kn.dequant_row(w + i * N, N, srow.data(), dst + (i - r0) * N);
+    }
+  });
+}
+
+void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
+                                    torch::stable::detail::from(out)};
+  STD_TORCH_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION) == AOTI_TORCH_SUCCESS,
+                  "deepseekv3_fp8: aten::mm.out failed");
+  (void)torch::stable::detail::to<Tensor>(stack[0]);  // release the returned handle
+}
+
+// ---- ops -------------------------------------------------------------------------------------------------
+
+// y [T, M] = x [T, N] @ dequant(weight [M, N], scale).T in x's dtype, fp32 accumulation.
+// T <= max_stream_rows: stream the weight once. More rows: chunked dequantization + aten::mm.
+Tensor linear(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t max_stream_rows, int64_t isa) {
+  check_weight(weight, scale, bm, bn);
+  check_input(x);
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "deepseekv3_fp8.linear: x must be [T, ", weight.size(1),
+                  "]");
+  const Kernels& kn = kernels_for(isa);
+  const int64_t T = x.size(0), N = weight.size(1), M = weight.size(0);
+  Tensor out = torch::stable::new_empty(x, {T, M});
+  if (T == 0 || M == 0) return out;
+  if (T <= max_stream_rows) {
+    const std::vector<float> x32 = input_f32(x, 1, T, N);
+    stream(kn, x32, 1, T, N, weight, scale, bm, bn, 0, 0, M, out.mutable_data_ptr(), x.scalar_type());
+    return out;
+  }
+  const bool f32 = x.scalar_type() == ScalarType::Float;
+  Tensor x32 = f32 ? x : torch::stable::to(x, ScalarType::Float);
+  Tensor y32 = f32 ? out : torch::stable::new_empty(x, {T, M}, ScalarType::Float);
+  // ~8 MB of fp32 per chunk (measured: smaller chunks cost BLAS efficiency, larger ones fall out of cache)
+  const int64_t chunk = std::max<int64_t>(bm, ((int64_t(2) << 20) / std::max<int64_t>(N, 1)) / bm * bm);
+  thread_local std::vector<float> buf;  // reused across calls: no page faults on every prefill GEMM
+  buf.resize(size_t(std::min(chunk, M) * N));
+  for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+    const int64_t rc = std::min(chunk, M - r0);
+    dequant_rows(kn, weight, scale, bm, bn, r0, r0 + rc, buf.data());
+    Tensor wc = torch::stable::from_blob(buf.data(), {rc, N}, {N, 1}, torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                         ScalarType::Float);
+    mm_out(x32, torch::stable::transpose(wc, 0, 1), torch::stable::narrow(y32, 1, r0, rc));
+  }
+  return f32 ? out : torch::stable::to(y32, ScalarType::BFloat16);
+}
+
+// Per-group products with row ranges of one weight (the absorbed MLA: group = head, kv_b_proj rows
+// [h * row_stride + row_offset, + rows)). transpose = false: out [G, T, rows] = x [G, T, N] @ W_g.T;
+// transpose = true: out [G, T, N] = x [G, T, rows] @ W_g.
+Tensor head_matmul(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t row_stride, int64_t row_offset,
+                   int64_t rows, bool transpose, int64_t isa) {
+  check_weight(weight, scale, bm, bn);
+  check_input(x);
+  STD_TORCH_CHECK(x.dim() == 3, "deepseekv3_fp8.head_matmul: x must be [G, T, K]");
+  const int64_t G = x.size(0), T = x.size(1), K = x.size(2), N = weight.size(1), M = weight.size(0);
+  STD_TORCH_CHECK(rows >= 0 && row_offset >= 0 && row_stride >= 0 &&
+                      (G == 0 || (G - 1) * row_stride + row_offset + rows <= M),
+                  "deepseekv3_fp8.head_matmul: group rows run past the weight's ", M, " rows");
+  STD_TORCH_CHECK(K == (transpose ? rows : N), "deepseekv3_fp8.head_matmul: x's last dimension must be ",
+                  transpose ? rows : N);
+  const Kernels& kn = kernels_for(isa);
+  Tensor out = torch::stable::new_empty(x, {G, T, transpose ? N : rows});
+  if (G == 0 || T == 0 || rows == 0 || N == 0) {
+    if (out.numel()) torch::stable::zero_(out);
+    return out;
+  }
+  const std::vector<float> x32 = input_f32(x, G, T, K);
+  if (transpose) {
+    cols(kn, x32, G, T, weight, scale, bm, bn, row_stride, row_offset, rows, out.mutable_data_ptr(), x.scalar_type());
+  } else {
+    stream(kn, x32, G, T, K, weight, scale, bm, bn, row_stride, row_offset, rows, out.mutable_data_ptr(),
+           x.scalar_type());
+  }
+  return out;
+}
+
+// The dense fp32 weight, bit-identical to block_dequantize (float(code) * scale, rounded once).
+Tensor dequantize(Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t isa) {
+  check_weight(weight, scale, bm, bn);
+  const Kernels& kn = kernels_for(isa);
+  Tensor out = torch::stable::new_empty(weight, {weight.size(0), weight.size(1)}, ScalarType::Float);
+  if (out.numel()) dequant_rows(kn, weight, scale, bm, bn, 0, weight.size(0), static_cast<float*>(out.mutable_data_ptr()));
+  return out;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int64_t deepseekv3_fp8_isa_mask() { return isa_mask(); }
+
+STABLE_TORCH_LIBRARY(deepseekv3_fp8, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor scale_inv, int block_m, int block_n, int max_stream_rows, int isa) -> Tensor");
+  m.def("head_matmul(Tensor x, Tensor weight, Tensor scale_inv, int block_m, int block_n, int row_stride, "
+        "int row_offset, int rows, bool transpose, int isa) -> Tensor");
+  m.def("dequantize(Tensor weight, Tensor scale_inv, int block_m, int block_n, int isa) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(deepseekv3_fp8, CPU, m) {
+  m.impl("linear", TORCH_BOX(&linear));
+  m.impl("head_matmul", TORCH_BOX(&head_matmul));
+  m.impl("dequantize", TORCH_BOX(&dequantize));
+}
