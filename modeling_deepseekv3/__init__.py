@@ -17,6 +17,7 @@ from .modeling import (
 )
 from .placement import plan_device_map, plan_placement
 from .registration import register
+from .training import FP8TrainingRecipe, convert_to_fp8_training
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "DeepseekV3PluginConfig",
     "DeepseekV3PreTrainedModel",
     "FP8Linear",
+    "FP8TrainingRecipe",
     "KimiK2Config",
     "KimiK2ForCausalLM",
     "KimiK2Model",
@@ -38,6 +40,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "checkpoint_layout",
     "convert_checkpoint",
+    "convert_to_fp8_training",
     "deepseek_v3_tokenizer",
     "load_tokenizer",
     "make_tiny_checkpoint",

@@ -219,6 +219,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up, then cosine decay")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's FP8 training recipe (convert_to_fp8_training)")
+    p.add_argument("--adam-moments", choices=("fp32", "bf16"), default=d.adam_moments,
+                   help="AdamW moment storage (bf16: the report's choice; master weights stay fp32)")
     p.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="lambda of the MTP loss (paper: 0.3, later 0.1)")
     p.add_argument("--balance-alpha", type=float, default=d.balance_alpha, help="sequence-wise balance loss weight")
     p.add_argument("--bias-update-rate", type=float, default=d.bias_update_rate,

@@ -44,6 +44,7 @@ from .data import (
     resolve_files,
     token_byte_lengths,
 )
+from .optim import AdamWBF16Moments
 
 __all__ = ["PRESETS", "PretrainArgs", "PretrainError", "load_model_config", "pretrain"]
 
@@ -74,6 +75,7 @@ class PretrainArgs:
     grad_clip: float = 1.0
     seed: int = 0
     fp8: bool = False
+    adam_moments: str = "fp32"
     mtp_weight: float = 0.3
     balance_alpha: float = 1e-4
     bias_update_rate: float = 1e-3
@@ -89,7 +91,7 @@ class PretrainArgs:
     def identity(self) -> dict:
         """What a resumed run must share with the one it continues (everything but step counts and I/O)."""
         keep = ("seq_len", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr_ratio",
-                "weight_decay", "grad_clip", "seed", "fp8", "mtp_weight", "balance_alpha", "bias_update_rate")
+                "weight_decay", "grad_clip", "seed", "fp8", "adam_moments", "mtp_weight", "balance_alpha", "bias_update_rate")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -225,6 +227,8 @@ def pretrain(args: PretrainArgs) -> dict:
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro}: each "
             "optimizer step accumulates whole micro-batches."
         )
+    if args.adam_moments not in ("fp32", "bf16"):
+        raise PretrainError(f"--adam-moments must be fp32 or bf16, got {args.adam_moments!r}.")
     if args.steps < 1 or args.seq_len < 2:
         raise PretrainError("--steps must be >= 1 and --seq-len >= 2.")
     out = Path(args.output)
@@ -251,14 +255,17 @@ def pretrain(args: PretrainArgs) -> dict:
     model = DeepseekV3ForCausalLM(config)
     tie_mtp_to_main(model)
     if args.fp8:
-        from .fp8 import convert_to_fp8_training
+        from ..fp8.training import convert_to_fp8_training
 
         convert_to_fp8_training(model)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.adam_moments == "bf16":  # the report's §3.3.3: BF16 moments, fp32 master weights
+        optimizer = AdamWBF16Moments(groups, lr=args.lr, betas=(0.9, 0.95))
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     track_expert_load(model, True)
     meta = {"args": args.identity(), "config": _config_fingerprint(config), "data": stream.fingerprint,
             "eval_data": eval_stream.fingerprint if eval_stream else None}
@@ -357,8 +364,8 @@ def export(model, tok, out: Path, config) -> dict:
     for layer in export_model.model.mtp_layers:  # the official files hold separate copies of the shared tensors
         layer.embed_tokens.weight = torch.nn.Parameter(layer.embed_tokens.weight.detach().clone())
         layer.shared_head.head.weight = torch.nn.Parameter(layer.shared_head.head.weight.detach().clone())
-    if getattr(export_model, "_fp8_training", False):
-        from .fp8 import convert_from_fp8_training
+    if "_fp8_training" in export_model.__dict__:
+        from ..fp8.training import convert_from_fp8_training
 
         convert_from_fp8_training(export_model)
     export_model.config.use_cache = True
