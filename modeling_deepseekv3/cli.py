@@ -52,6 +52,8 @@ def _stream(model, tok, text: str, args, out=None) -> str:
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.mtp:
+        sampling.update(use_mtp=True, num_speculative_tokens=args.num_speculative_tokens)
     t0 = time.perf_counter()
     result = model.generate(
         **enc, streamer=streamer, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
@@ -64,7 +66,10 @@ def _stream(model, tok, text: str, args, out=None) -> str:
     if cache is not None and hasattr(cache, "nbytes"):
         cache_info = (f", cache {cache.nbytes() / 1024:.1f} KiB for {cache.get_seq_length()} tokens "
                       f"({cache.bytes_per_token_per_layer()} B/token/layer)")
-    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s{cache_info}]", file=out)
+    stats = getattr(result, "mtp_stats", None)
+    mtp_info = f", {stats.summary()}" if stats is not None else ""
+    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s{cache_info}{mtp_info}]",
+          file=out)
     return tok.decode(new, skip_special_tokens=True)
 
 
@@ -247,6 +252,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32: fastest on CPUs without BF16 hardware)")
     p.add_argument("--mla-impl", choices=MLA_IMPLEMENTATIONS, default="auto")
     p.add_argument("--latent-cache-format", choices=LATENT_CACHE_FORMATS, default="auto")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP layer (lossless)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1, help="MTP drafts per step (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

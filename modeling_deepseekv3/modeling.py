@@ -286,11 +286,36 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 "max_new_tokens."
             )
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' ``generate``; ``use_mtp=True`` (and ``num_speculative_tokens=k``, default 1) runs
+        speculative decoding with the MTP layer (``generation/mtp.py``): lossless, batched, on the latent cache."""
+        from .generation.mtp import mtp_generation_config
+
+        generation_config, kwargs = mtp_generation_config(self, generation_config, kwargs)
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        from .generation.mtp import mtp_decode, mtp_tokens
+
+        k = mtp_tokens(generation_config)
+        if k is None:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return mtp_decode(self, input_ids, logits_processor, stopping_criteria, generation_config, k,
+                          streamer=streamer, **model_kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """Give ``generate()`` the latent cache (transformers would build a K/V ``DynamicCache``).
 
         ``cache_implementation="static"`` gets a pre-allocated :class:`StaticLatentCache` (for
-        ``torch.compile``); a user-passed cache, ``use_cache=False`` and anything else go to transformers."""
+        ``torch.compile``; with MTP decoding sized for the masked slots of rejected drafts); a user-passed
+        cache, ``use_cache=False`` and anything else go to transformers."""
+        from .generation.mtp import mtp_tokens
+
+        k = mtp_tokens(generation_config)
+        if k is not None:  # every step appends k + 1 slots and emits at least one token
+            max_cache_length = (k + 1) * (max_cache_length + 2)
         impl = generation_config.cache_implementation
         if model_kwargs.get("cache") is not None or generation_config.use_cache is False or impl not in (None, "dynamic", "static"):
             return super()._prepare_cache_for_generation(

@@ -230,6 +230,9 @@ def test_cli_generate_streams_and_reports(tiny_fp8, capsys):
     assert cli(["generate", str(tiny_fp8), "--prompt", "Hello", "--chat", "--max-new-tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "B/token/layer" in out
+    assert cli(["generate", str(tiny_fp8), "--prompt", "Hello", "--max-new-tokens", "10", "--mtp",
+                "--num-speculative-tokens", "2"]) == 0
+    assert "MTP k=2: acceptance" in capsys.readouterr().out
 
 
 def test_cli_chat(tiny_fp8, capsys, monkeypatch):
