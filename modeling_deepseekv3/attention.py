@@ -355,6 +355,11 @@ def build_attention_mask(
     sees only earlier tokens of its own packed sequence."""
     q_pos = torch.arange(q_len, device=device)[:, None] + past  # (S, 1)
     k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T)
+    if attention_mask is not None and attention_mask.dim() == 2 and isinstance(past, int) and attention_mask.shape[-1] < past + q_len:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens are "
+            f"{past + q_len}; pass the mask for the whole sequence so far (a shorter one is not padded)."
+        )
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         return mask.to(device) | (k_pos == q_pos)[None, None]

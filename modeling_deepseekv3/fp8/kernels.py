@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .format import FP8_DTYPE, block_dequantize, scale_shape
+from .format import FP8_DTYPE, block_dequantize
 
 __all__ = [
     "fp8_dequantize",
@@ -66,26 +66,33 @@ def fp8_head_matmul_reference(
 def native_applies(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> bool:
     """Whether the native kernels can compute this product: CPU tensors, float32/bfloat16 input, a
     contiguous float8_e4m3fn weight with a well-shaped scale grid, and the library loaded (built on first
-    use; warns once and says False where it cannot be)."""
-    return (
-        x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and scale_inv.device.type == "cpu"
-        and x.dtype in _INPUT_DTYPES
-        and weight.dtype == FP8_DTYPE
-        and weight.dim() == 2
-        and weight.is_contiguous()
-        and tuple(scale_inv.shape) == scale_shape(weight.shape, block_size)
-        and native.available()
-    )
+    use; warns once and says False where it cannot be). Cheap: it runs on every FP8 linear call."""
+    return x.is_cpu and x.dtype in _INPUT_DTYPES and _weight_applies(weight, scale_inv, block_size)
+
+
+def _weight_applies(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> bool:
+    if not (weight.is_cpu and scale_inv.is_cpu and weight.dtype == FP8_DTYPE and weight.dim() == 2):
+        return False
+    if scale_inv.dim() != 2 or not weight.is_contiguous():
+        return False
+    (m, n), (bm, bn) = weight.shape, block_size
+    if scale_inv.shape[0] != -(-m // bm) or scale_inv.shape[1] != -(-n // bn):
+        return False  # the reference path raises the explanatory error
+    return native.available()
+
+
+def _scale(scale_inv: torch.Tensor) -> torch.Tensor:
+    if scale_inv.dtype == torch.float32 and scale_inv.is_contiguous():
+        return scale_inv
+    return scale_inv.float().contiguous()
 
 
 def fp8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor | None:
     """``x2d [T, N] @ dequant(weight).T`` in ``x2d``'s dtype by the native kernel, or None where it does not
-    apply (see :func:`native_applies`). No autograd: for inference."""
+    apply (see :func:`native_applies`). No autograd: for inference (the weight never requires grad)."""
     if not native_applies(x2d, weight, scale_inv, block_size):
         return None
-    return native.linear(x2d, weight.detach(), scale_inv.detach().float().contiguous(), block_size)
+    return native.linear(x2d, weight, _scale(scale_inv), block_size)
 
 
 def fp8_head_matmul(
@@ -96,16 +103,14 @@ def fp8_head_matmul(
     the native kernels do not apply. No autograd: for inference."""
     if not native_applies(x, weight, scale_inv, block_size):
         return None
-    return native.head_matmul(
-        x, weight.detach(), scale_inv.detach().float().contiguous(), block_size, row_stride, row_offset, rows, transpose
-    )
+    return native.head_matmul(x, weight, _scale(scale_inv), block_size, row_stride, row_offset, rows, transpose)
 
 
 def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight in ``dtype``: bit-identical to :func:`~.format.block_dequantize` (its reference twin),
     by the native kernel on CPU where it applies (~10x faster than eager torch, which converts FP8 at a few ns
     per element)."""
-    if dtype in _INPUT_DTYPES and native_applies(weight.new_empty(0, dtype=dtype), weight, scale_inv, block_size):
-        w = native.dequantize(weight.detach(), scale_inv.detach().float().contiguous(), block_size)  # (M, N) fp32
+    if dtype in _INPUT_DTYPES and _weight_applies(weight, scale_inv, block_size):
+        w = native.dequantize(weight, _scale(scale_inv), block_size)  # (M, N) fp32
         return w if dtype == torch.float32 else w.to(dtype)
     return block_dequantize(weight, scale_inv, block_size, dtype)

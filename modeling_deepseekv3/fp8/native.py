@@ -61,12 +61,13 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "fp8_cpu.cpp"
-ISAS = {"avx2": 1, "avx512": 2, "avx512vbmi": 3}  # the library's ISA codes (0 = best available)
-# Rows up to which `linear` streams the weight; above, chunked dequantization + BLAS is faster
-# (benchmarks/fp8_cpu.py measures both sides of the crossover).
-STREAM_MAX_ROWS = 16
+ISAS = {"avx2": 1, "avx512": 2}  # the library's ISA codes (0 = best available)
+# Rows up to which `linear` streams the FP8 weight (widening it in registers, or once per K chunk into L1 for
+# more than 4 rows); above, chunked dequantization + BLAS is faster. Measured crossover (2048x7168 and
+# 7168x2048, one thread): 24-32 rows with AVX-512, 16-24 with AVX2 against an AVX-512 BLAS.
+STREAM_MAX_ROWS = 24
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-math-errno")
-_X86 = {"x86_64", "amd64", "x64", "i686"}
+_X86 = {"x86_64", "amd64", "x64"}
 
 
 class NativeBuildError(RuntimeError):
@@ -200,6 +201,7 @@ def _load() -> None:
     _state.update(ops=torch.ops.deepseekv3_fp8, isa=ISAS.get(forced, 0), path=so, isas=tuple(have))
 
 
+@torch.compiler.disable  # file locks, a subprocess and dlopen: run eagerly if first reached while compiling
 def load(strict: bool = False) -> bool:
     """Build (first time on this machine) and load the kernels; True if they can be used. Idempotent and
     thread-safe. On failure warns once (one line, saying why and that the torch path is used instead)

@@ -25,7 +25,7 @@ from modeling_deepseekv3.fp8.kernels import fp8_head_matmul_reference, fp8_matmu
 if not native.load():
     pytest.skip(f"native FP8 kernel unavailable here: {native._state.get('error')}", allow_module_level=True)
 
-ISAS = list(native.ISAS)
+ISAS = list(native.ISAS)  # every variant the library has; those this CPU lacks skip
 SHAPES = {  # (M, N), block
     "partial_both": ((176, 160), (128, 128)),
     "kv_a_576": ((576, 300), (128, 128)),
@@ -262,6 +262,32 @@ def test_composes_with_torch_compile():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantized_weight_is_native_and_identical_to_block_dequantize(monkeypatch, dtype):
+    calls = []
+    real = native.dequantize
+    monkeypatch.setattr(native, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = FP8Linear(300, 576)
+    layer.set_dense_weight(torch.randn(576, 300))
+    out = layer.dequantized_weight(dtype)
+    assert calls == [1] and out.dtype == dtype
+    assert torch.equal(out, block_dequantize(layer.weight, layer.weight_scale_inv, layer.block_size, dtype))
+
+
+def test_first_call_inside_torch_compile_loads_the_library():
+    """A fresh process whose first FP8 matmul is being compiled: loading runs eagerly (a graph break), then
+    the compiled graph uses the op; same result as eager."""
+    code = (
+        "import torch; from modeling_deepseekv3.fp8 import FP8Linear, native;"
+        "assert 'ops' not in native._state;"
+        "layer = FP8Linear(160, 176); layer.set_dense_weight(torch.randn(176, 160)); x = torch.randn(3, 160);"
+        "c = torch.compile(layer)(x.requires_grad_(False));"
+        "assert 'ops' in native._state; torch.testing.assert_close(c, layer(x), rtol=1e-5, atol=1e-5); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # -- packaging: fallback without a compiler, failed builds, concurrent builds ----------------------------------

@@ -19,11 +19,19 @@
 //   transposed product (x @ W, used by the absorbed MLA's W_UK) the scale varies along the output instead:
 //   partial sums over each row block are kept in registers and multiplied by the scale row once per block,
 //   which is the reference formula as written.
-// * Many rows (prefill) are compute-bound and BLAS is much better at that than anything short here:
-//   the weight is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize)
-//   and multiplied with aten::mm into the output columns. The weight stays FP8 in memory.
-// * One translation unit, per-function target attributes (AVX2+FMA+F16C, AVX-512 F/BW/VL) and run-time
-//   dispatch through cpuid: one build runs on any x86-64; elsewhere no variant exists and Python falls back.
+// * Three shapes of work for y = x @ W.T, picked by the number of input rows T:
+//   - T <= tt_max (decode): "tiles" widen the codes of 4 weight rows in registers straight into the FMAs;
+//   - up to max_stream_rows (batched decode, MoE experts at prefill): each K chunk of 4 weight rows is widened
+//     once into an L1-sized fp32 buffer and every input row runs against it (re-widening per input tile
+//     would otherwise cost more than the FMAs);
+//   - more rows (prefill) are compute-bound, and BLAS is better at that than anything short here: the weight
+//     is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize) and
+//     multiplied with aten::mm into the output's columns. The weight stays FP8 in memory throughout.
+// * One translation unit, per-function target attributes and run-time dispatch through cpuid: one build
+//   runs on any x86-64. Variants: AVX2+FMA+F16C (16 codes per step) and AVX-512 F/BW/VL (32). Elsewhere no
+//   variant exists and Python falls back. (Measured and left out: an AVX-512 VBMI variant looking exact bf16
+//   values up in byte tables was 10% faster on cached weights, no faster from DRAM; AMX would speed up the
+//   multiply-adds, which decode is not bound by.)
 // * Threads: torch's intra-op pool through the stable ABI (torch::stable::parallel_for), so
 //   torch.set_num_threads applies and the kernel never oversubscribes the cores torch already uses.
 //
@@ -52,8 +60,13 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-constexpr int64_t ISA_AUTO = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512VBMI = 3;
+constexpr int64_t ISA_AUTO = 0, ISA_AVX2 = 1, ISA_AVX512 = 2;
 constexpr int64_t KPAD = 64;  // scaled-input rows are zero-padded to a multiple of this (>= any vector step)
+// Software prefetch distance along a weight row, in bytes. The widening costs enough per byte that the
+// hardware prefetcher alone leaves memory idle: measured, 1 KiB ahead gives ~20% on weights read from DRAM
+// (512 B and 2 KiB: ~15%).
+constexpr int64_t PREFETCH = 1024;
+#define DSV3_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0)
 constexpr int64_t KCHUNK = 512;  // codes per row widened at a time on the many-rows path (4 rows: 8 KB of L1)
 
 // ---- CPU features ----------------------------------------------------------------------------------------
@@ -72,7 +85,6 @@ int64_t detect_isa_mask() {
   if (b & (1u << 5)) mask |= 1 << ISA_AVX2;
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
   if ((mask & (1 << ISA_AVX2)) && avx512 && (xlo & 0xE6) == 0xE6) mask |= 1 << ISA_AVX512;  // + opmask, ZMM
-  if ((mask & (1 << ISA_AVX512)) && (c & (1u << 1))) mask |= 1 << ISA_AVX512VBMI;            // + VBMI
   return mask;
 #else
   return 0;
@@ -87,12 +99,11 @@ int64_t isa_mask() {
 int64_t resolve_isa(int64_t isa) {
   const int64_t mask = isa_mask();
   if (isa == ISA_AUTO) {
-    if (mask & (1 << ISA_AVX512VBMI)) return ISA_AVX512VBMI;
     if (mask & (1 << ISA_AVX512)) return ISA_AVX512;
     if (mask & (1 << ISA_AVX2)) return ISA_AVX2;
     STD_TORCH_CHECK(false, "deepseekv3_fp8: this CPU has no AVX2+FMA+F16C; use the torch fallback");
   }
-  STD_TORCH_CHECK(isa >= ISA_AVX2 && isa <= ISA_AVX512VBMI, "deepseekv3_fp8: unknown isa ", isa);
+  STD_TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512, "deepseekv3_fp8: unknown isa ", isa);
   STD_TORCH_CHECK(mask & (1 << isa), "deepseekv3_fp8: isa ", isa, " is not supported by this CPU");
   return isa;
 }
@@ -128,12 +139,12 @@ inline void write_out(void* base, ScalarType dt, int64_t off, float v) {
 }
 
 // ---- per-ISA inner kernels -------------------------------------------------------------------------------
-// tile<R, TT>: res[r * TT + t] = sum_k xs[t * ldx + k] * code(w[r * ldw + k]) * 2^-8 for k < K, where xs has
+// code(w) below is float(code) * 2^-8 (the half trick); the scale rows passed in carry the 2^8.
+// tile<R, TT>: res[r * TT + t] = sum_k xs[t * ldx + k] * code(w[r * ldw + k]) for k < K, where xs has
 //   zero padding up to a multiple of KPAD (so the weight tail may be read from a zero-padded copy).
-// colt<TT>: acc[t * lda + j] += scale[j] * sum_{i < n_rows} x[t * ldx + i] * code(w[i * ldw + j]) * 2^-8 for
+// col<TT>: acc[t * lda + j] += scale[j] * sum_{i < n_rows} x[t * ldx + i] * code(w[i * ldw + j]) for
 //   the CW columns j of one column tile (ncols <= CW of them real; the rest come from zero-padded copies).
-// dequant_row: dst[j] = code(w[j]) * 2^-8 * scale[j] for j < N.
-
+// dequant_row: dst[j] = code(w[j]) * scale[j] for j < N.
 using TileFn = void (*)(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res);
 using ColFn = void (*)(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows, int64_t ncols,
                        const float* scale, float* acc, int64_t lda);
@@ -148,8 +159,6 @@ using OuterFn = void (*)(const float* x, int64_t ldx, const float* wbuf, int64_t
                          int64_t ldo);
 
 struct Kernels {
-  const int* x_perm;     // tile's order of the codes within each KPAD block (nullptr: in order)
-  float tile_unit;       // value of a code as the tiles widen it, relative to float(code): 2^-8 or 1
   int tt_max;            // input rows per tile
   int col_tt_max;        // input rows per column tile
   int64_t col_width;     // columns per column tile
@@ -209,6 +218,8 @@ DSV3_AVX2 void tile_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64_t
   const int64_t kmain = K & ~int64_t(15);
   for (int64_t k = 0; k < kmain; k += 16) {
     const uint8_t* wp[R];
+    if ((k & 63) == 0)
+      for (int r = 0; r < R; ++r) DSV3_PREFETCH(w + r * ldw + k + PREFETCH);
     for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + k;
     step_avx2<R, TT>(wp, xs + k, ldx, acc);
   }
@@ -235,6 +246,7 @@ DSV3_AVX2 void col_avx2(const float* x, int64_t ldx, const uint8_t* w, int64_t l
   alignas(32) uint8_t pad[CW] = {};
   for (int64_t i = 0; i < n_rows; ++i) {
     const uint8_t* wp = w + i * ldw;
+    DSV3_PREFETCH(wp + (PREFETCH / 64) * ldw);  // the same columns, rows ahead
     if (ncols < CW) {
       std::memcpy(pad, wp, size_t(ncols));
       wp = pad;
@@ -258,6 +270,7 @@ DSV3_AVX2 void dequant_row_avx2(const uint8_t* w, int64_t N, const float* scale,
   alignas(32) uint8_t pad[16];
   alignas(32) float tmp[16];
   for (int64_t j = 0; j < N; j += 16) {
+    if ((j & 63) == 0) DSV3_PREFETCH(w + j + PREFETCH);
     const bool tail = j + 16 > N;
     const uint8_t* wp = w + j;
     if (tail) {
@@ -284,6 +297,7 @@ DSV3_AVX2 void dequant_row_avx2(const uint8_t* w, int64_t N, const float* scale,
 DSV3_AVX2 void conv_avx2(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
   alignas(32) uint8_t pad[16];
   for (int64_t k = 0; k < n_pad; k += 16) {
+    if ((k & 63) == 0) DSV3_PREFETCH(w + k + PREFETCH);
     const uint8_t* wp = w + k;
     if (k + 16 > n) {
       std::memset(pad, 0, 16);
@@ -367,6 +381,8 @@ DSV3_AVX512 void tile_avx512(const float* xs, int64_t ldx, const uint8_t* w, int
   const int64_t kmain = K & ~int64_t(31);
   for (int64_t k = 0; k < kmain; k += 32) {
     const uint8_t* wp[R];
+    if ((k & 63) == 0)
+      for (int r = 0; r < R; ++r) DSV3_PREFETCH(w + r * ldw + k + PREFETCH);
     for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + k;
     step_avx512<R, TT>(wp, xs + k, ldx, acc);
   }
@@ -393,6 +409,7 @@ DSV3_AVX512 void col_avx512(const float* x, int64_t ldx, const uint8_t* w, int64
   alignas(64) uint8_t pad[CW] = {};
   for (int64_t i = 0; i < n_rows; ++i) {
     const uint8_t* wp = w + i * ldw;
+    DSV3_PREFETCH(wp + (PREFETCH / 64) * ldw);  // the same columns, rows ahead
     if (ncols < CW) {
       std::memcpy(pad, wp, size_t(ncols));
       wp = pad;
@@ -416,6 +433,7 @@ DSV3_AVX512 void col_avx512(const float* x, int64_t ldx, const uint8_t* w, int64
 DSV3_AVX512 void conv_avx512(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
   alignas(64) uint8_t pad[32];
   for (int64_t k = 0; k < n_pad; k += 32) {
+    if ((k & 63) == 0) DSV3_PREFETCH(w + k + PREFETCH);
     const uint8_t* wp = w + k;
     if (k + 32 > n) {
       std::memset(pad, 0, 32);
@@ -469,6 +487,7 @@ DSV3_AVX512 void outer_avx512(const float* x, int64_t ldx, const float* wb, int6
 DSV3_AVX512 void dequant_row_avx512(const uint8_t* w, int64_t N, const float* scale, float* dst) {
   alignas(64) uint8_t pad[32];
   for (int64_t j = 0; j < N; j += 32) {
+    if ((j & 63) == 0) DSV3_PREFETCH(w + j + PREFETCH);
     const int64_t n = std::min<int64_t>(32, N - j);
     const uint8_t* wp = w + j;
     if (n < 32) {
@@ -488,140 +507,18 @@ DSV3_AVX512 void dequant_row_avx512(const uint8_t* w, int64_t N, const float* sc
 }
 
 
-// -- AVX-512 VBMI: 64 codes -> four 16-float vectors through two 128-entry byte tables (vpermi2b), no
-//    half conversion. Each code's exact bfloat16 value (e4m3 has 3 mantissa bits, bf16 7; subnormal codes
-//    are normal bf16 numbers; the NaN code maps to a bf16 NaN) is looked up as a high and a low byte,
-//    interleaved into 16-bit words, and a bf16 word becomes a float by a shift (even words) or a mask (odd
-//    words). The interleaving leaves the 64 codes in a fixed order (kVbmiPerm), which the scaled input row
-//    is stored in, so the FMAs pair each code with its own input. Two shuffles per 32 codes instead of five.
-#define DSV3_VBMI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi")))
-#define DSV3_VBMI_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi"), always_inline)) inline
-
-struct Bf16Tables {
-  alignas(64) uint8_t hi[128];
-  alignas(64) uint8_t lo[128];
-  int perm[KPAD];
-  Bf16Tables() {
-    for (int m = 0; m < 128; ++m) {  // e4m3fn magnitude code -> bf16 bits
-      const int e = m >> 3, f = m & 7;
-      const float v = e == 0 ? float(f) / 8.0f / 64.0f : (1.0f + float(f) / 8.0f) * float(1 << e) / 128.0f;
-      uint32_t u;
-      std::memcpy(&u, &v, 4);
-      const uint16_t h = m == 0x7F ? uint16_t(0x7FC0) : uint16_t(u >> 16);
-      hi[m] = uint8_t(h >> 8);
-      lo[m] = uint8_t(h & 0xFF);
-    }
-    for (int v = 0; v < 4; ++v)  // position 16 v + d of the tile's vectors holds this code of the 64
-      for (int d = 0; d < 16; ++d) perm[16 * v + d] = 16 * (d / 4) + 8 * (v / 2) + 2 * (d % 4) + (v % 2);
-  }
-};
-const Bf16Tables kBf16;
-
-struct VbmiConsts {
-  __m512i hi0, hi1, lo0, lo1, sign, top;
-};
-
-DSV3_VBMI_INLINE VbmiConsts vbmi_consts() {
-  return {_mm512_load_si512(kBf16.hi), _mm512_load_si512(kBf16.hi + 64), _mm512_load_si512(kBf16.lo),
-          _mm512_load_si512(kBf16.lo + 64), _mm512_set1_epi8(char(0x80)), _mm512_set1_epi32(int(0xFFFF0000u))};
-}
-
-DSV3_VBMI_INLINE void cvt64(const uint8_t* p, const VbmiConsts& k, __m512 (&v)[4]) {
-  const __m512i c = _mm512_loadu_si512(p);
-  __m512i hi = _mm512_permutex2var_epi8(k.hi0, c, k.hi1);  // index bits 0..6; bit 7 (sign) ignored
-  const __m512i lo = _mm512_permutex2var_epi8(k.lo0, c, k.lo1);
-  hi = _mm512_ternarylogic_epi32(hi, c, k.sign, 0xF8);  // hi | (c & 0x80): the sign
-  const __m512i wa = _mm512_unpacklo_epi8(lo, hi), wb = _mm512_unpackhi_epi8(lo, hi);
-  v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(wa, 16));
-  v[1] = _mm512_castsi512_ps(_mm512_and_si512(wa, k.top));
-  v[2] = _mm512_castsi512_ps(_mm512_slli_epi32(wb, 16));
-  v[3] = _mm512_castsi512_ps(_mm512_and_si512(wb, k.top));
-}
-
-// independent accumulators per (row, input row): enough FMA chains in flight to hide the FMA latency
-constexpr int vbmi_chains(int R, int TT) { return R * TT <= 4 ? 4 : R * TT <= 8 ? 2 : 1; }
-
-template <int R, int TT, int A>
-DSV3_VBMI_INLINE void step_vbmi(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx, const VbmiConsts& k,
-                                __m512 (&acc)[R][TT][A]) {
-  for (int r = 0; r < R; ++r) {
-    __m512 v[4];
-    cvt64(wp[r], k, v);
-    for (int t = 0; t < TT; ++t)
-      for (int q = 0; q < 4; ++q)
-        acc[r][t][q % A] = _mm512_fmadd_ps(v[q], _mm512_loadu_ps(xs + t * ldx + 16 * q), acc[r][t][q % A]);
-  }
-}
-
-template <int R, int TT>
-DSV3_VBMI void tile_vbmi(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
-  constexpr int A = vbmi_chains(R, TT);
-  const VbmiConsts k = vbmi_consts();
-  __m512 acc[R][TT][A];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TT; ++t)
-      for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_ps();
-  const int64_t kmain = K & ~int64_t(63);
-  for (int64_t kk = 0; kk < kmain; kk += 64) {
-    const uint8_t* wp[R];
-    for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + kk;
-    step_vbmi<R, TT, A>(wp, xs + kk, ldx, k, acc);
-  }
-  if (kmain < K) {
-    alignas(64) uint8_t pad[R][64] = {};
-    const uint8_t* wp[R];
-    for (int r = 0; r < R; ++r) {
-      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));
-      wp[r] = pad[r];
-    }
-    step_vbmi<R, TT, A>(wp, xs + kmain, ldx, k, acc);
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TT; ++t) {
-      __m512 sum = acc[r][t][0];
-      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][t][a]);
-      res[r * TT + t] = _mm512_reduce_add_ps(sum);
-    }
-}
-
-
-DSV3_VBMI void conv_vbmi(const uint8_t* w, int64_t n, int64_t n_pad, float* dst) {
-  const VbmiConsts k = vbmi_consts();
-  alignas(64) uint8_t pad[64];
-  for (int64_t kk = 0; kk < n_pad; kk += 64) {
-    const uint8_t* wp = w + kk;
-    if (kk + 64 > n) {
-      std::memset(pad, 0, 64);
-      if (kk < n) std::memcpy(pad, w + kk, size_t(n - kk));
-      wp = pad;
-    }
-    __m512 v[4];
-    cvt64(wp, k, v);
-    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(dst + kk + 16 * q, v[q]);
-  }
-}
-
 #define DSV3_TILES(fn) \
   {{fn<1, 1>, fn<1, 1>, fn<1, 2>, fn<1, 3>, fn<1, 4>}, {fn<4, 1>, fn<4, 1>, fn<4, 2>, fn<4, 3>, fn<4, 4>}}
 #define DSV3_COLS(fn) {fn<1>, fn<1>, fn<2>, fn<3>, fn<4>}
 #define DSV3_FMAS(fn) DSV3_TILES(fn)
 
-const Kernels kAvx2 = {nullptr, 1.0f / 256, 2, 2, 32, DSV3_TILES(tile_avx2), DSV3_COLS(col_avx2), dequant_row_avx2,
+const Kernels kAvx2 = {2, 2, 32, DSV3_TILES(tile_avx2), DSV3_COLS(col_avx2), dequant_row_avx2,
                           8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2)};
-const Kernels kAvx512 = {nullptr, 1.0f / 256, 4, 4, 64, DSV3_TILES(tile_avx512), DSV3_COLS(col_avx512), dequant_row_avx512,
+const Kernels kAvx512 = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_COLS(col_avx512), dequant_row_avx512,
                             16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
 
-// the VBMI tiles stream; its column and dequantization kernels are the AVX-512 ones
-const Kernels kAvx512Vbmi = {kBf16.perm, 1.0f, 4, 4, 64, DSV3_TILES(tile_vbmi), DSV3_COLS(col_avx512),
-                                dequant_row_avx512, 16, 4, conv_vbmi, DSV3_FMAS(fma_avx512),
-                                DSV3_COLS(outer_avx512)};
-
 const Kernels& kernels_for(int64_t isa) {
-  switch (resolve_isa(isa)) {
-    case ISA_AVX512VBMI: return kAvx512Vbmi;
-    case ISA_AVX512: return kAvx512;
-    default: return kAvx2;
-  }
+  return resolve_isa(isa) == ISA_AVX512 ? kAvx512 : kAvx2;
 }
 
 #else  // no x86: Python never calls in (the ISA mask is 0); keep the ops defined with a clear error
@@ -678,22 +575,12 @@ std::vector<float> input_f32(const Tensor& x, int64_t G, int64_t T, int64_t K) {
   return out;
 }
 
-// scale row of row block rb, expanded per column and divided by the widened codes' unit (2^-8 for the half
-// trick: exact, a power of two), zero-padded
-void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np,
-               float unit = 1.0f / 256) {
+// scale row of row block rb, expanded per column and times 2^8 (the widened codes' unit is 2^-8; exact, a
+// power of two), zero-padded
+void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np) {
   const float* s = scale + rb * nb;
-  const float f = 1.0f / unit;
-  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * f;
+  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * 256.0f;
   std::fill(dst + N, dst + Np, 0.0f);
-}
-
-// d[64 b + p] <- d[64 b + perm[p]]: the scaled input in the order a tile reads the codes
-void permute_blocks(float* d, int64_t Kp, const int* perm, float* scratch) {
-  for (int64_t b = 0; b < Kp; b += KPAD) {
-    std::memcpy(scratch, d + b, KPAD * sizeof(float));
-    for (int p = 0; p < KPAD; ++p) d[b + p] = scratch[perm[p]];
-  }
 }
 
 // ---- stream: out[g, t, r] = x[g, t, :] @ W[row(g, r), :] ----------------------------------------------------
@@ -705,6 +592,9 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
   const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
   const float* s = static_cast<const float*>(scale.const_data_ptr());
   const int64_t N = weight.size(1), nb = scale.size(1), Kp = round_up(K, KPAD);
+  // row stride of the scaled input: one cache line more than Kp, so that its rows (V3: 7168 floats = 7 x 4 KiB)
+  // do not all fall into the same L1 sets
+  const int64_t ldx = Kp + 16;
   // units of work: (group, first row, end row), never crossing a row block, at most `chunk` rows
   const int64_t chunk = 32;
   struct Unit { int64_t g, r0, r1; };
@@ -719,8 +609,7 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
     }
   }
   torch::stable::parallel_for(0, int64_t(units.size()), 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> xs(static_cast<size_t>(T * Kp), 0.0f), srow(static_cast<size_t>(Kp));
-    float scratch[KPAD];
+    std::vector<float> xs(static_cast<size_t>(T * ldx), 0.0f), srow(static_cast<size_t>(Kp));
     std::vector<float> wbuf(T > kn.tt_max ? size_t(4 * KCHUNK) : 0), accm(T > kn.tt_max ? size_t(4 * T * kn.vw) : 0);
     int64_t have_g = -1, have_rb = -1;
     float res[4 * 4];
@@ -729,12 +618,11 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
       const int64_t base = unit.g * row_stride + row_offset;
       const int64_t rb = (base + unit.r0) / bm;
       if (unit.g != have_g || rb != have_rb) {  // x_s[t, k] = x[g, t, k] * S[rb, k / bn] * 2^8
-        scale_row(s, nb, rb, K, bn, srow.data(), Kp, kn.tile_unit);
+        scale_row(s, nb, rb, K, bn, srow.data(), Kp);
         for (int64_t t = 0; t < T; ++t) {
           const float* xr = x32.data() + (unit.g * T + t) * K;
-          float* d = xs.data() + t * Kp;
+          float* d = xs.data() + t * ldx;
           for (int64_t k = 0; k < K; ++k) d[k] = xr[k] * srow[size_t(k)];
-          if (kn.x_perm != nullptr) permute_blocks(d, Kp, kn.x_perm, scratch);
         }
         have_g = unit.g;
         have_rb = rb;
@@ -743,7 +631,7 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
         const int tt = int(T);
         for (int64_t r = unit.r0; r < unit.r1;) {
           const int R = unit.r1 - r >= 4 ? 4 : 1;
-          kn.tile[R == 4][tt](xs.data(), Kp, w + (base + r) * N, N, K, res);
+          kn.tile[R == 4][tt](xs.data(), ldx, w + (base + r) * N, N, K, res);
           for (int i = 0; i < R; ++i)
             for (int t = 0; t < tt; ++t) write_out(out, out_dt, (unit.g * T + t) * rows + r + i, res[i * tt + t]);
           r += R;
@@ -762,7 +650,7 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
             kn.conv(w + (base + r + i) * N + kc, std::max<int64_t>(0, std::min(n, K - kc)), n, wbuf.data() + i * KCHUNK);
           for (int64_t t0 = 0; t0 < T; t0 += kn.fma_tt_max) {
             const int tt = int(std::min<int64_t>(kn.fma_tt_max, T - t0));
-            kn.fma[R == 4][tt](wbuf.data(), KCHUNK, xs.data() + t0 * Kp + kc, Kp, n, accm.data() + t0 * kn.vw, lda);
+            kn.fma[R == 4][tt](wbuf.data(), KCHUNK, xs.data() + t0 * ldx + kc, ldx, n, accm.data() + t0 * kn.vw, lda);
           }
         }
         for (int i = 0; i < R; ++i)
