@@ -13,7 +13,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,13 +149,18 @@ def _cmd_install_hub_files(args: argparse.Namespace) -> int:
     if not (target / "config.json").is_file():
         raise FileNotFoundError(f"{target} has no config.json; point at a checkpoint directory.")
     for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        shim = (resources.files("modeling_deepseekv3.hub_files") / name).read_bytes()
         dest = target / name
         backup = target / (name + ".orig")
-        if dest.exists() and not backup.exists():
-            shutil.copy2(dest, backup)
-            print(f"kept the original as {backup}")
-        with resources.as_file(resources.files("modeling_deepseekv3.hub_files") / name) as src:
-            shutil.copyfile(src, dest)
+        if (dest.exists() or dest.is_symlink()) and not (backup.exists() or backup.is_symlink()):
+            if dest.read_bytes() != shim:  # never keep our own shim as the "original"
+                # a Hugging Face cache snapshot holds symlinks into blobs/ shared by other snapshots: move the
+                # link itself aside (no copy, the blob untouched)
+                os.replace(dest, backup)
+                print(f"kept the original as {backup}")
+        tmp = target / f".{name}.tmp-{os.getpid()}"
+        tmp.write_bytes(shim)
+        os.replace(tmp, dest)  # replaces a symlink, never writes through it
         print(f"wrote {dest}")
     return 0
 
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepseek-v3",
         description="Tools for DeepSeek-V3-family checkpoints (V3, R1, V3.1, Kimi-K2, Moonlight).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate from a prompt, streamed", description=(
@@ -346,12 +352,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values argparse types cannot refuse by themselves."""
+    rules = {
+        "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (lambda v: v >= 0, ">= 0"),
+        "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+        "repetition_penalty": (lambda v: v > 0, "> 0"),
+        "num_speculative_tokens": (lambda v: v >= 1, ">= 1"),
+        "context": (lambda v: v >= 0, ">= 0"),
+        "batch_size": (lambda v: v >= 1, ">= 1"),
+        "shards": (lambda v: v >= 1, ">= 1"),
+    }
+    for name, (ok, what) in rules.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_ranges(parser, args)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
-        print(f"deepseek-v3 {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"deepseek-v3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI boundary: one clear line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"deepseek-v3 {args.command}: error: {type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+              else f"deepseek-v3 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

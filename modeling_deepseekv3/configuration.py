@@ -219,7 +219,10 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
 
     @property
     def rope_theta(self) -> float:
-        return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
+        theta = (self.rope_parameters or {}).get("rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"config field `rope_theta` must be a positive number, got {theta!r}.")
+        return float(theta)
 
     # ------------------------------------------------------------------------------------------
     def validate_deepseek(self) -> None:
@@ -302,6 +305,9 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
             )
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ValueError(f"config field `rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+        if not (isinstance(self.attention_dropout, (int, float)) and 0 <= self.attention_dropout < 1):
+            raise ValueError(f"config field `attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        self.rope_theta  # noqa: B018 -- the property validates the value, naming the field
         yarn = self.yarn_parameters
         if yarn is not None:
             factor = yarn.get("factor")

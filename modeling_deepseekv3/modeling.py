@@ -226,7 +226,16 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            if input_ids.numel() == 0:
+                raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token.")
+            try:
+                inputs_embeds = self.embed_tokens(input_ids)
+            except IndexError:  # the lookup failed: say which ids, not just "index out of range"
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+                raise ValueError(
+                    f"input_ids hold ids outside the vocabulary [0, {self.config.vocab_size}) (e.g. {bad[:5].tolist()}); "
+                    "the tokenizer does not belong to this model, or the ids are corrupt."
+                ) from None
         if use_cache and cache is None:
             cache = LatentCache(config=self.config)
         if not use_cache:

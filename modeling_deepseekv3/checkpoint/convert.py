@@ -107,15 +107,24 @@ def convert_checkpoint(
             logger.warning("convert: %d tensors are not in the official layout and are copied as they are (e.g. %s).", len(unknown), unknown[0])
 
     work = dst.parent / f"{dst.name}.partial"
-    params = {"src": str(src.resolve()), "to": to, "scale_fmt": scale_fmt, "block_size": list(block_size)}
+    # what identifies the source: a resumed conversion must continue the same source, not a replaced one
+    source = {name: [os.path.getsize(src / name), os.stat(src / name).st_mtime_ns] for name in sorted(set(weight_map.values()))}
+    params = {"src": str(src.resolve()), "to": to, "scale_fmt": scale_fmt, "block_size": list(block_size),
+              "source_shards": source}
     params_file = work / ".convert-params.json"
-    if work.exists():
-        if not params_file.is_file() or json.loads(params_file.read_text()) != params:
+    work.mkdir(parents=True, exist_ok=True)
+    lock = _exclusive_lock(work / ".convert.lock", dst)
+    if params_file.is_file():
+        saved = json.loads(params_file.read_text())
+        if saved != params:
+            what = "source shards changed since" if saved.get("source_shards") != source else "settings differ from"
             raise FileExistsError(
-                f"{work} holds an unfinished conversion with other settings; delete it or rerun with the same ones."
+                f"{work} holds an unfinished conversion, but the {what} that run; delete {work} to start over, or "
+                "rerun with the same source and settings to resume."
             )
+    elif any(p.suffix == ".safetensors" for p in work.iterdir()):
+        raise FileExistsError(f"{work} holds shards of an unknown conversion; delete it to start over.")
     else:
-        work.mkdir(parents=True)
         params_file.write_text(json.dumps(params))
 
     handles: dict[str, object] = {}
@@ -174,9 +183,26 @@ def convert_checkpoint(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2)
         )
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-    params_file.unlink()
     publish_directory(work, dst)
+    # until published, the work dir carries its params file: a copy stopped at any point never looks complete
+    (dst / params_file.name).unlink()
+    (dst / ".convert.lock").unlink(missing_ok=True)
+    lock.close()
     return dst
+
+
+def _exclusive_lock(path: Path, dst: Path):
+    """Hold an exclusive lock on ``path`` for the conversion; a second conversion into the same ``dst`` gets a
+    clear error instead of interleaving shards."""
+    import fcntl
+
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FileExistsError(f"another conversion into {dst} is running (lock {path}); wait for it to finish.") from None
+    return handle
 
 
 def _nbytes(info) -> int:

@@ -7,6 +7,7 @@ hold all fail here, naming the file, before any model is built.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -87,8 +88,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > size - 8 or header_len > 512 * 1024 * 1024:
             raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors file (header claims {header_len} bytes, file has "
-                f"{size}). {hint}"
+                f"{path}: not a safetensors file, or a corrupt/truncated one (its header length does not fit the "
+                f"{size}-byte file). {hint}"
             )
         raw = f.read(header_len)
     try:
@@ -99,14 +100,19 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object). {hint}")
     data_len = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     end_max = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}. {hint}") from None
+        if not 0 <= start <= end:
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data offsets [{start}, {end}). {hint}")
+        spans.append((start, end, name))
         torch_dtype = SAFETENSORS_DTYPES.get(dtype)
         if torch_dtype is not None:
             numel = 1
@@ -119,10 +125,14 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 )
         end_max = max(end_max, end)
         tensors[name] = TensorInfo(dtype, shape, path)
+    spans.sort()
+    for (_, prev_end, prev), (start, _, name) in itertools.pairwise(spans):
+        if start < prev_end:
+            raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file's data section. {hint}")
     if end_max != data_len:
-        what = "truncated" if end_max > data_len else "has trailing bytes"
+        what = "is truncated" if end_max > data_len else "has trailing bytes"
         raise CheckpointError(
-            f"{path}: file is {what}: the header describes {end_max} bytes of tensor data, the file holds "
+            f"{path}: the file {what}: the header describes {end_max} bytes of tensor data, the file holds "
             f"{data_len}. {hint}"
         )
     if len(_HEADER_CACHE) >= _HEADER_CACHE_FILES:
@@ -139,6 +149,12 @@ def inspect_checkpoint_dir(directory: str | os.PathLike) -> dict[str, TensorInfo
     or an index entry whose shard lacks that tensor."""
     directory = Path(directory)
     index_path = directory / INDEX_NAME
+    single = directory / SINGLE_NAME
+    if index_path.is_file() and single.is_file():
+        raise CheckpointError(
+            f"{directory} holds both {SINGLE_NAME} and {INDEX_NAME}: transformers would load the single file while "
+            "the index describes other shards. Remove whichever is stale (a re-save leaves only one)."
+        )
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
@@ -151,8 +167,14 @@ def inspect_checkpoint_dir(directory: str | os.PathLike) -> dict[str, TensorInfo
             ) from None
         by_file: dict[str, list[str]] = {}
         for key, file in weight_map.items():
+            if not isinstance(file, str) or not _is_local_name(file):
+                raise CheckpointError(
+                    f"{index_path} maps {key!r} to {file!r}, a path outside the checkout; shard names must be "
+                    "file names inside the checkpoint directory. The index is corrupt or not from this checkpoint."
+                )
             by_file.setdefault(file, []).append(key)
         tensors: dict[str, TensorInfo] = {}
+        headers: dict[str, dict[str, TensorInfo]] = {}
         for file, keys in sorted(by_file.items()):
             shard = directory / file
             if not shard.is_file():
@@ -160,7 +182,7 @@ def inspect_checkpoint_dir(directory: str | os.PathLike) -> dict[str, TensorInfo
                     f"{index_path} maps {len(keys)} tensors (e.g. {keys[0]!r}) to {file!r}, but {shard} does "
                     "not exist. The download is incomplete: fetch the missing shard."
                 )
-            header = read_safetensors_header(shard)
+            header = headers[file] = read_safetensors_header(shard)
             for key in keys:
                 if key not in header:
                     raise CheckpointError(
@@ -168,11 +190,25 @@ def inspect_checkpoint_dir(directory: str | os.PathLike) -> dict[str, TensorInfo
                         "The index and the shards come from different versions; re-download both."
                     )
                 tensors[key] = header[key]
+        for file, header in headers.items():  # a tensor in two shards: loaders disagree on which copy wins
+            for key in header:
+                named = weight_map.get(key)
+                if named is not None and named != file:
+                    raise CheckpointError(
+                        f"tensor {key!r} is stored in both {directory / named} and {directory / file} (the index names "
+                        f"{named!r}); which copy loads would depend on the loader. Re-download or re-save the checkpoint."
+                    )
         return tensors
-    single = directory / SINGLE_NAME
     if single.is_file():
         return dict(read_safetensors_header(single))
     return None
+
+
+def _is_local_name(file: str) -> bool:
+    """A shard name that stays inside the checkout: relative, no ``..`` (a symlinked shard, as in the Hugging
+    Face cache, is fine: the link itself is inside)."""
+    path = Path(file)
+    return bool(file) and not path.is_absolute() and ".." not in path.parts and not file.startswith("~")
 
 
 def read_checkpoint_tensors(files: list[str]) -> dict[str, TensorInfo]:

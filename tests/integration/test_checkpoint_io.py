@@ -189,7 +189,7 @@ def test_convert_is_resumable_and_atomic(tiny_fp8, tmp_path, monkeypatch):
     assert len(list(partial.glob("*.safetensors"))) == 1 and not (partial / INDEX_NAME).exists()
     monkeypatch.setattr(conversion, "save_file", real_save)
     calls.clear()
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FileExistsError, match="settings differ"):
         ds.convert_checkpoint(tiny_fp8, dst, to="bf16", scale_fmt="ue8m0", progress=False)
     ds.convert_checkpoint(tiny_fp8, dst, to="bf16", progress=False)
     assert not partial.exists() and (dst / INDEX_NAME).exists()
