@@ -4,7 +4,8 @@ Reads user turns from stdin (type /exit or press Ctrl-D to stop), so it also wor
 
     printf 'Hello!\\nTell me more.\\n' | python examples/chat.py --model checkpoints/tiny-deepseek-v3
 
-Uses the tiny official-layout checkpoint of examples/generate.py by default (created if missing).
+Uses a tiny random official-layout checkpoint (with a chat template) by default, created if missing; the
+shipped Shakespeare model is a plain language model, not a chat model.
 """
 
 import argparse

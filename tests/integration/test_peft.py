@@ -26,6 +26,20 @@ def lora_modules(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def train_adapters(peft_model, batch, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW on the trainable (adapter) parameters, the batch as its own labels; the loss per step."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    peft_model.train()
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def test_plain_get_peft_model_wraps_every_target_and_trains(tiny_bf16_direct_q, tmp_path):
     """Plain PEFT usage, no helper: PEFT's "deepseek_v3" target rewrite must not drop the expert targets."""
     model = load(tiny_bf16_direct_q)
@@ -38,15 +52,7 @@ def test_plain_get_peft_model_wraps_every_target_and_trains(tiny_bf16_direct_q, 
     assert sum(".mlp.experts." in n for n in wrapped) == moe_layers * 3 * config.n_routed_experts
     base = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
     batch = input_ids(4, 24, seed=5)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(40):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_adapters(peft_model, batch, steps=40)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
     for n, p in peft_model.named_parameters():  # only adapters changed
         if "lora_" not in n:
@@ -221,15 +227,7 @@ def test_plain_peft_script_on_an_fp8_checkpoint(tiny_fp8, tmp_path):
     assert sum(".mlp.experts." in n for n in wrapped) == 3 * 16 * 3  # routed experts of 2 MoE layers + MTP
     assert all(isinstance(peft_model.get_submodule(n), FP8LoraLinear) for n in wrapped)
     batch = input_ids(4, 24, seed=5)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(30):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_adapters(peft_model, batch, steps=30)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
     peft_model.eval()
     with torch.no_grad():
