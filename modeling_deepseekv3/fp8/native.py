@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "HEAD_BLAS_MIN_ROWS",
     "ISAS",
     "STREAM_MAX_ROWS",
     "NativeBuildError",
@@ -66,6 +67,8 @@ ISAS = {"avx2": 1, "avx512": 2}  # the library's ISA codes (0 = best available)
 # more than 4 rows); above, chunked dequantization + BLAS is faster. Measured crossover (2048x7168 and
 # 7168x2048, one thread): 24-32 rows with AVX-512, 16-24 with AVX2 against an AVX-512 BLAS.
 STREAM_MAX_ROWS = 24
+# Rows per group from which `head_matmul` dequantizes each group's rows and multiplies with BLAS instead.
+HEAD_BLAS_MIN_ROWS = 32
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-math-errno")
 _X86 = {"x86_64", "amd64", "x64"}
 
@@ -168,7 +171,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("deepseekv3_fp8::head_matmul")
-    def _(x, weight, scale_inv, block_m, block_n, row_stride, row_offset, rows, transpose, isa):
+    def _(x, weight, scale_inv, block_m, block_n, row_stride, row_offset, rows, transpose, blas_min_rows, isa):
         return x.new_empty(x.shape[0], x.shape[1], weight.shape[1] if transpose else rows)
 
     @torch.library.register_fake("deepseekv3_fp8::dequantize")
@@ -260,14 +263,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block
 
 
 def head_matmul(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, row_stride: int,
-                row_offset: int, rows: int, transpose: bool, *, _isa: str | None = None) -> torch.Tensor:
+                row_offset: int, rows: int, transpose: bool, *, blas_min_rows: int = HEAD_BLAS_MIN_ROWS,
+                _isa: str | None = None) -> torch.Tensor:
     """Per-group products with row ranges of one FP8 weight; group ``g`` uses rows
     ``g * row_stride + row_offset + [0, rows)`` (``W_g [rows, N]``). ``transpose=False``:
     ``x [G, T, N] @ W_g.T -> [G, T, rows]``; ``transpose=True``: ``x [G, T, rows] @ W_g -> [G, T, N]``.
-    The absorbed MLA's ``W_UV`` and ``W_UK`` products on ``kv_b_proj`` (group = head)."""
+    The absorbed MLA's ``W_UV`` and ``W_UK`` products on ``kv_b_proj`` (group = head). From
+    ``blas_min_rows`` rows on, each group's rows are dequantized once and multiplied by BLAS."""
     bm, bn = _blocks(block_size)
     return _state["ops"].head_matmul(x, weight, scale_inv, bm, bn, int(row_stride), int(row_offset), int(rows),
-                                     bool(transpose), _isa_code(_isa))
+                                     bool(transpose), int(blas_min_rows), _isa_code(_isa))
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, *, _isa: str | None = None) -> torch.Tensor:

@@ -153,25 +153,28 @@ HEADS = {  # heads, nope, v, rank, block
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("path", ["kernels", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads", list(HEADS), ids=list(HEADS))
-@pytest.mark.parametrize("rows", [1, 2, 5, 9])
-def test_head_matmul_equals_the_reference(isa, dtype, heads, rows):
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 40])
+def test_head_matmul_equals_the_reference(isa, path, dtype, heads, rows):
     """The absorbed MLA's two kv_b products per head: q_nope @ W_UK (transpose) and o_latent @ W_UV^T."""
     need(isa)
+    blas = {"blas_min_rows": 0 if path == "blas" else 10**6}
     h, nope, v, r, block = HEADS[heads]
     q, s = quantized((h * (nope + v), r), block)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     for x, offset, n_rows, transpose in ((torch.randn(h, rows, nope), 0, nope, True),
                                          (torch.randn(h, rows, r), nope, v, False)):
         x = x.to(dtype)
-        out = native.head_matmul(x, q, s, block, nope + v, offset, n_rows, transpose, _isa=isa)
+        out = native.head_matmul(x, q, s, block, nope + v, offset, n_rows, transpose, _isa=isa, **blas)
         ref = fp8_head_matmul_reference(x, q, s, block, nope + v, offset, n_rows, transpose)
         assert out.dtype == dtype and out.shape == ref.shape
         assert rel_err(out, fp8_head_matmul_reference(x.float(), q, s, block, nope + v, offset, n_rows, transpose)) <= tol
         # strided input (as the attention hands it over: heads moved to the front)
         xs = x.transpose(0, 1).contiguous().transpose(0, 1)
-        torch.testing.assert_close(native.head_matmul(xs, q, s, block, nope + v, offset, n_rows, transpose, _isa=isa), out)
+        torch.testing.assert_close(native.head_matmul(xs, q, s, block, nope + v, offset, n_rows, transpose, _isa=isa,
+                                                      **blas), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -250,7 +253,7 @@ def test_ops_work_on_meta_tensors():
     s = torch.empty(2, 2, device="meta")
     assert torch.ops.deepseekv3_fp8.linear(x, w, s, 128, 128, 16, 0).shape == (3, 176)
     xh = torch.empty(4, 2, 8, device="meta")
-    assert torch.ops.deepseekv3_fp8.head_matmul(xh, w, s, 128, 128, 40, 0, 8, True, 0).shape == (4, 2, 160)
+    assert torch.ops.deepseekv3_fp8.head_matmul(xh, w, s, 128, 128, 40, 0, 8, True, 32, 0).shape == (4, 2, 160)
     assert torch.ops.deepseekv3_fp8.dequantize(w, s, 128, 128, 0).dtype == torch.float32
 
 

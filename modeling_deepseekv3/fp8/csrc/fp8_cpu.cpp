@@ -33,7 +33,8 @@
 //   values up in byte tables was 10% faster on cached weights, no faster from DRAM; AMX would speed up the
 //   multiply-adds, which decode is not bound by.)
 // * Threads: torch's intra-op pool through the stable ABI (torch::stable::parallel_for), so
-//   torch.set_num_threads applies and the kernel never oversubscribes the cores torch already uses.
+//   torch.set_num_threads applies and the kernel never oversubscribes the cores torch already uses. Small
+//   products run on the calling thread (see MIN_THREAD_WORK): waking the pool costs more than they do.
 //
 // Built against torch's stable C ABI (no pybind11, no ATen headers): compiles in seconds, loads in < 1 ms.
 
@@ -67,7 +68,15 @@ constexpr int64_t KPAD = 64;  // scaled-input rows are zero-padded to a multiple
 // (512 B and 2 KiB: ~15%).
 constexpr int64_t PREFETCH = 1024;
 #define DSV3_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0)
-constexpr int64_t KCHUNK = 512;  // codes per row widened at a time on the many-rows path (4 rows: 8 KB of L1)
+constexpr int64_t KCHUNK = 512;
+// Least work (weight codes x input rows) per thread: below it a product runs on fewer threads (a tiny
+// model's 256x256 linear on one). Waking a pool thread costs ~10 us, and on a busy machine a parallel region
+// waits for a descheduled thread for a whole time slice.
+constexpr int64_t MIN_THREAD_WORK = int64_t(1) << 18;
+
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, MIN_THREAD_WORK / std::max<int64_t>(1, work_per_item));
+}  // codes per row widened at a time on the many-rows path (4 rows: 8 KB of L1)
 
 // ---- CPU features ----------------------------------------------------------------------------------------
 
@@ -608,7 +617,8 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
       r = r1;
     }
   }
-  torch::stable::parallel_for(0, int64_t(units.size()), 1, [&](int64_t u0, int64_t u1) {
+  const int64_t unit_work = std::min(chunk, rows) * K * T;
+  torch::stable::parallel_for(0, int64_t(units.size()), grain(unit_work), [&](int64_t u0, int64_t u1) {
     std::vector<float> xs(static_cast<size_t>(T * ldx), 0.0f), srow(static_cast<size_t>(Kp));
     std::vector<float> wbuf(T > kn.tt_max ? size_t(4 * KCHUNK) : 0), accm(T > kn.tt_max ? size_t(4 * T * kn.vw) : 0);
     int64_t have_g = -1, have_rb = -1;
@@ -675,7 +685,7 @@ void cols(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t T
   const float* s = static_cast<const float*>(scale.const_data_ptr());
   const int64_t N = weight.size(1), nb = scale.size(1), CW = kn.col_width, Np = round_up(N, std::max(CW, KPAD));
   const bool many = T > kn.col_tt_max;
-  torch::stable::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+  torch::stable::parallel_for(0, G, grain(rows * N * T), [&](int64_t g0, int64_t g1) {
     std::vector<float> acc(static_cast<size_t>(T * Np)), srow(static_cast<size_t>(Np));
     std::vector<float> wbuf(many ? static_cast<size_t>(rows * Np) : 0, 0.0f);
     for (int64_t g = g0; g < g1; ++g) {
@@ -724,7 +734,7 @@ void dequant_rows(const Kernels& kn, const Tensor& weight, const Tensor& scale, 
   const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
   const float* s = static_cast<const float*>(scale.const_data_ptr());
   const int64_t N = weight.size(1), nb = scale.size(1), Np = round_up(N, KPAD);
-  torch::stable::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+  torch::stable::parallel_for(r0, r1, std::max<int64_t>(16, grain(N)), [&](int64_t a, int64_t b) {
     std::vector<float> srow(static_cast<size_t>(Np));
     int64_t have_rb = -1;
     for (int64_t i = a; i < b; ++i) {
@@ -737,12 +747,48 @@ void dequant_rows(const Kernels& kn, const Tensor& weight, const Tensor& scale, 
   });
 }
 
+
 void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
   std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
                                     torch::stable::detail::from(out)};
   STD_TORCH_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION) == AOTI_TORCH_SUCCESS,
                   "deepseekv3_fp8: aten::mm.out failed");
   (void)torch::stable::detail::to<Tensor>(stack[0]);  // release the returned handle
+}
+
+// ---- many rows per group: dequantize each group's rows once (exact values) and let BLAS multiply ----------
+// aten::mm runs on the pool thread that handles the group (single-threaded inside the parallel region).
+
+void groups_blas(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t T, int64_t K,
+                 const Tensor& weight, const Tensor& scale, int64_t bm, int64_t bn, int64_t row_stride,
+                 int64_t row_offset, int64_t rows, bool transpose, void* out, ScalarType out_dt) {
+  const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const float* s = static_cast<const float*>(scale.const_data_ptr());
+  const int64_t N = weight.size(1), nb = scale.size(1), Np = round_up(N, KPAD), n_out = transpose ? N : rows;
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  torch::stable::parallel_for(0, G, grain(rows * N * T), [&](int64_t g0, int64_t g1) {
+    std::vector<float> wbuf(static_cast<size_t>(rows * N)), srow(static_cast<size_t>(Np));
+    std::vector<float> obuf(out_dt == ScalarType::Float ? 0 : static_cast<size_t>(T * n_out));
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t base = g * row_stride + row_offset;
+      int64_t have_rb = -1;
+      for (int64_t i = 0; i < rows; ++i) {
+        if ((base + i) / bm != have_rb) {
+          have_rb = (base + i) / bm;
+          scale_row(s, nb, have_rb, N, bn, srow.data(), Np);
+        }
+        kn.dequant_row(w + (base + i) * N, N, srow.data(), wbuf.data() + i * N);
+      }
+      Tensor wg = torch::stable::from_blob(wbuf.data(), {rows, N}, {N, 1}, cpu, ScalarType::Float);  // W_g
+      Tensor xg = torch::stable::from_blob(const_cast<float*>(x32.data()) + g * T * K, {T, K}, {K, 1}, cpu,
+                                           ScalarType::Float);
+      float* od = out_dt == ScalarType::Float ? static_cast<float*>(out) + g * T * n_out : obuf.data();
+      Tensor og = torch::stable::from_blob(od, {T, n_out}, {n_out, 1}, cpu, ScalarType::Float);
+      mm_out(xg, transpose ? wg : torch::stable::transpose(wg, 0, 1), og);
+      if (out_dt != ScalarType::Float)
+        for (int64_t i = 0; i < T * n_out; ++i) write_out(out, out_dt, g * T * n_out + i, obuf[size_t(i)]);
+    }
+  });
 }
 
 // ---- ops -------------------------------------------------------------------------------------------------
@@ -783,8 +829,9 @@ Tensor linear(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn, int
 // Per-group products with row ranges of one weight (the absorbed MLA: group = head, kv_b_proj rows
 // [h * row_stride + row_offset, + rows)). transpose = false: out [G, T, rows] = x [G, T, N] @ W_g.T;
 // transpose = true: out [G, T, N] = x [G, T, rows] @ W_g.
+// T >= blas_min_rows: groups_blas.
 Tensor head_matmul(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t row_stride, int64_t row_offset,
-                   int64_t rows, bool transpose, int64_t isa) {
+                   int64_t rows, bool transpose, int64_t blas_min_rows, int64_t isa) {
   check_weight(weight, scale, bm, bn);
   check_input(x);
   STD_TORCH_CHECK(x.dim() == 3, "deepseekv3_fp8.head_matmul: x must be [G, T, K]");
@@ -801,7 +848,10 @@ Tensor head_matmul(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn
     return out;
   }
   const std::vector<float> x32 = input_f32(x, G, T, K);
-  if (transpose) {
+  if (T >= blas_min_rows) {
+    groups_blas(kn, x32, G, T, K, weight, scale, bm, bn, row_stride, row_offset, rows, transpose, out.mutable_data_ptr(),
+                x.scalar_type());
+  } else if (transpose) {
     cols(kn, x32, G, T, weight, scale, bm, bn, row_stride, row_offset, rows, out.mutable_data_ptr(), x.scalar_type());
   } else {
     stream(kn, x32, G, T, K, weight, scale, bm, bn, row_stride, row_offset, rows, out.mutable_data_ptr(),
@@ -826,7 +876,7 @@ extern "C" __attribute__((visibility("default"))) int64_t deepseekv3_fp8_isa_mas
 STABLE_TORCH_LIBRARY(deepseekv3_fp8, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor scale_inv, int block_m, int block_n, int max_stream_rows, int isa) -> Tensor");
   m.def("head_matmul(Tensor x, Tensor weight, Tensor scale_inv, int block_m, int block_n, int row_stride, "
-        "int row_offset, int rows, bool transpose, int isa) -> Tensor");
+        "int row_offset, int rows, bool transpose, int blas_min_rows, int isa) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scale_inv, int block_m, int block_n, int isa) -> Tensor");
 }
 
