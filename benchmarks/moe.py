@@ -5,7 +5,7 @@ implementations: "grouped_mm" (its default) and "eager" (a Python loop over hit 
 module per expert (checkpoint keys, per-expert placement, PEFT) and sorts the token-expert assignments
 once; dense experts are stacked on the first inference call and run as two grouped matmuls ("ours"),
 otherwise each active expert runs on its contiguous slice ("per-expert loop"). Times per forward for T tokens, fp32 and bf16; then ours with FP8-resident
-experts (block-dequantized per call) vs BF16-resident experts: speed and weight bytes.
+experts (the native FP8 kernel, fp8/native.py) vs BF16-resident experts: speed and weight bytes.
 
     python benchmarks/moe.py                      # T = 1, 16, 512; fp32 and bf16
     python benchmarks/moe.py --tokens 1 16 --dtypes float32
@@ -128,8 +128,9 @@ def main():
 
 
 def bench_fp8_linear():
-    """One FP8 linear of V3's expert-like shape 2048x7168: compiled fused kernel vs dequantize + matmul."""
-    print("[FP8Linear 2048x7168, fp32 compute: fp8_compute='auto' (compiled) vs 'dequant' (eager reference)]")
+    """One FP8 linear of V3's expert shape 2048x7168: the native kernel vs dequantize + matmul (the reference).
+    benchmarks/fp8_cpu.py has the full per-GEMM table, against dense weights too."""
+    print("[FP8Linear 2048x7168, fp32 compute: fp8_compute='auto' (native kernel) vs 'dequant' (eager reference)]")
     fast = ds.FP8Linear(7168, 2048)
     fast.set_dense_weight(torch.randn(2048, 7168) / 7168**0.5)
     ref = ds.FP8Linear(7168, 2048, compute="dequant")
