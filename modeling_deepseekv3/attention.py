@@ -108,11 +108,15 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
     """FP8 ``kv_b_proj``. For inference on CPU (``fp8_compute="auto"``, no autograd, weights resident) the
     absorbed path runs both per-head products -- ``q_nope W_UK`` (a contraction over the weight's rows) and
     ``o_latent W_UV^T`` -- by the native kernel straight from the FP8 weight (:func:`~.fp8.kernels.fp8_head_matmul`).
-    Otherwise the dense weight is dequantized per call, as for training.
+    No dense copy is kept for that: the head kernels read 1 byte per weight where a dense FP32 copy reads 4,
+    and measured (benchmarks/fp8_cpu.py part 2, V3 dims) they are 1.3-1.8x faster than the copy at decode
+    (1-16 rows per head) and within 5% of it at 32; the copy would cost 64 MiB per layer in FP32 (3.8 GiB
+    over V3's 61 layers).
 
-    No dense copy is kept: the head kernels read 1 byte per weight where the copy read 4, and measured
-    (benchmarks/fp8_cpu.py part 2) they are faster than the copy at decode and on par for absorbed prompts,
-    so the copy's memory (V3: 64 MiB per layer in FP32, 3.8 GiB over 61 layers) buys nothing."""
+    Where the kernels do not apply (no C++ compiler or AVX2, another device, fp16) inference falls back to
+    the dense weight, and there the dequantized weight is kept and reused while the FP8 tensors are
+    unchanged -- on CPU a per-call dequantization costs ~30 ms per layer per token. Training, offloaded
+    weights and ``fp8_compute="dequant"`` dequantize per call."""
 
     def _head_kernels_apply(self, x: torch.Tensor) -> bool:
         hook = getattr(self, "_hf_hook", None)
@@ -141,7 +145,15 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
         return out.view(h, b, s, self.v_head_dim).transpose(0, 1)  # (B, H, S, v)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantized_weight(dtype)
+        hook = getattr(self, "_hf_hook", None)
+        if self.compute == "dequant" or torch.is_grad_enabled() or getattr(hook, "offload", False):
+            return self.dequantized_weight(dtype)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight_scale_inv._version, dtype, self.weight.device)
+        cached = self.__dict__.get("_dense_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantized_weight(dtype))
+            self.__dict__["_dense_cache"] = cached
+        return cached[1]
 
     def to_dense(self, dtype: torch.dtype) -> KVBLinear:
         dense = KVBLinear(self.in_features, self.out_features, bias=False, device="meta")
