@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -327,6 +328,28 @@ def test_failed_build_is_reported_with_its_log_and_not_retried(monkeypatch, tmp_
     monkeypatch.setattr(native, "_state", {})  # a new process: the marker stops a retry (and its stall)
     with pytest.raises(native.NativeBuildError, match=r"earlier build .* failed"), pytest.warns(RuntimeWarning):
         native.load(strict=True)
+
+
+def test_a_cpu_without_the_kernels_gets_the_torch_path_and_one_notice(tmp_path):
+    """What a CPU without AVX2 (or not x86) sees: the library is built as it is there (no SIMD variant),
+    says so once, and FP8 linears compute on the torch path with the reference's answer."""
+    cxx = tmp_path / "cxx-no-simd"
+    cxx.write_text(f'#!/bin/sh\nexec {shutil.which("c++") or shutil.which("g++")} -DDSV3_NO_SIMD "$@"\n')
+    cxx.chmod(0o755)
+    code = (
+        "import warnings, torch, torch.nn.functional as F\n"
+        "from modeling_deepseekv3.fp8 import FP8Linear, block_dequantize\n"
+        "layer = FP8Linear(160, 176); layer.set_dense_weight(torch.randn(176, 160)); x = torch.randn(3, 160)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always'); out = layer(x); layer(x)\n"
+        "notes = [str(w.message) for w in caught if 'FP8 CPU kernel unavailable' in str(w.message)]\n"
+        "assert len(notes) == 1 and 'no AVX2' in notes[0], notes\n"
+        "torch.testing.assert_close(out, F.linear(x, block_dequantize(layer.weight, layer.weight_scale_inv)))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CXX=str(cxx), DEEPSEEKV3_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_isa_environment_variable_can_turn_the_kernel_off():
