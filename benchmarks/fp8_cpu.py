@@ -6,13 +6,14 @@
    through its own copies of the weight, ``--cold-mib`` of them per format (default above the last-level
    cache), so every call reads its weight from memory as decode does; ``--cold-mib 0`` reuses one copy.
 2. The absorbed MLA's kv_b_proj (V3 dims: 128 heads, rank 512): both per-head products straight from FP8
-   (the head kernels) vs a dense fp32 copy of the weight (what ``KVBFP8Linear`` used to cache for
-   inference) vs dequantizing per call -- the evidence for dropping the cached copy.
+   (the head kernels) vs a dense fp32 copy of the weight (what ``KVBFP8Linear`` cached for inference before,
+   and still does where the kernels cannot run) vs dequantizing per call -- the evidence for the decision.
 3. End to end: ``generate()`` decode tokens/s of a 4-layer FP8 model with V3's attention dims and routing shape,
    FP8-resident vs the same weights dequantized to fp32 and to bf16 (``dequantize_fp8=True``); each decode
    step timed by its own timestamp, medians over interleaved repeats; greedy outputs compared.
-4. A fresh process running the main job (``examples/generate.py`` on its tiny official-layout FP8
-   checkpoint, 40 new tokens): its load and first-generate times, and whether it compiled anything.
+4. Fresh processes running the main job (``examples/generate.py``, 40 new tokens, on the model it ships when
+   present, else on a tiny official-layout FP8 checkpoint), with the kernel and with
+   ``DEEPSEEKV3_FP8_ISA=off``: load and first-generate times, and whether anything was compiled.
 
 Every time is a median of interleaved repeats; no ratio is printed from an implausible measurement.
 

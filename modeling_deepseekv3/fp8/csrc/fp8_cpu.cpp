@@ -20,10 +20,11 @@
 //   partial sums over each row block are kept in registers and multiplied by the scale row once per block,
 //   which is the reference formula as written.
 // * Three shapes of work for y = x @ W.T, picked by the number of input rows T:
-//   - T <= tt_max (decode): "tiles" widen the codes of 4 weight rows in registers straight into the FMAs;
-//   - up to max_stream_rows (batched decode, MoE experts at prefill): each K chunk of 4 weight rows is widened
-//     once into an L1-sized fp32 buffer and every input row runs against it (re-widening per input tile
-//     would otherwise cost more than the FMAs);
+//   - T <= tt_max (decode; 4 with AVX-512, 2 with AVX2): "tiles" widen the codes of 4 weight rows in
+//     registers straight into the FMAs;
+//   - up to max_stream_rows (24, from Python; batched decode, MoE experts at prefill): each K chunk of 4 weight
+//     rows is widened once into an L1-sized fp32 buffer and every input row runs against it (re-widening per
+//     input tile would otherwise cost more than the FMAs);
 //   - more rows (prefill) are compute-bound, and BLAS is better at that than anything short here: the weight
 //     is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize) and
 //     multiplied with aten::mm into the output's columns. The weight stays FP8 in memory throughout.
@@ -70,7 +71,7 @@ constexpr int64_t KPAD = 64;  // scaled-input rows are zero-padded to a multiple
 constexpr int64_t PREFETCH = 1024;
 #define DSV3_PREFETCH(p) __builtin_prefetch((p), 0, 3)     // prefetcht0
 #define DSV3_PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)  // prefetcht1
-constexpr int64_t KCHUNK = 512;
+constexpr int64_t KCHUNK = 512;  // codes per row widened at a time when more rows than a tile takes (4 rows: 8 KiB of L1)
 // Least work (weight codes x input rows) per thread: below it a product runs on fewer threads (a tiny
 // model's 256x256 linear on one). Waking a pool thread costs ~10 us, and on a busy machine a parallel region
 // waits for a descheduled thread for a whole time slice.
@@ -160,7 +161,7 @@ using TileFn = void (*)(const float* xs, int64_t ldx, const uint8_t* w, int64_t 
 using ColFn = void (*)(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows, int64_t ncols,
                        const float* scale, float* acc, int64_t lda);
 using DequantFn = void (*)(const uint8_t* w, int64_t N, const float* scale, float* dst);
-// conv: dst[k] = code(w[k]) in the tiles' unit and order, k < n real codes, zeros up to n_pad (a KPAD multiple)
+// conv: dst[k] = code(w[k]) for k < n real codes, zeros up to n_pad (a KPAD multiple)
 using ConvFn = void (*)(const uint8_t* w, int64_t n, int64_t n_pad, float* dst);
 // fma<R, TT>: acc[r * lda + t * VW + lane] += sum over the n (a KPAD multiple) columns of wbuf[r] * xs[t]
 using FmaFn = void (*)(const float* wbuf, int64_t ldw, const float* xs, int64_t ldx, int64_t n, float* acc, int64_t lda);
