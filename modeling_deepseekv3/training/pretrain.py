@@ -276,6 +276,8 @@ def pretrain(args: PretrainArgs) -> dict:
         if path is None:
             raise PretrainError(f"--resume: no complete checkpoint under {ckpt_root}; run without --resume to start.")
         saved = read_meta(path)
+        # a flag added after that run was written takes its default there
+        saved["args"] = {**PretrainArgs(model_config="", data=[], output="").identity(), **saved.get("args", {})}
         for key in ("args", "config", "data", "eval_data"):
             if saved.get(key) != meta[key]:
                 raise TrainingCheckpointError(
