@@ -24,13 +24,11 @@ import itertools
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 import transformers
-from timing import checked, interleaved, ratio
+from timing import StepClock, checked, interleaved, ratio
 from transformers.cache_utils import DynamicCache
-from transformers.generation.streamers import BaseStreamer
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as native_mod
 
 import modeling_deepseekv3 as ds
@@ -152,19 +150,6 @@ def bench_crossover(lengths, repeats):
         print(f"  S={s:5d}: absorb {times['absorb'] * 1e3:8.1f} ms   expand {times['expand'] * 1e3:8.1f} ms   "
               f"auto -> {pick}")
 
-
-class StepClock(BaseStreamer):
-    """A streamer that only timestamps: ``generate`` calls ``put`` with the prompt, then once per new token,
-    so consecutive timestamps after the first new token are the decode steps themselves."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def bench_generate(context: int, new_tokens: int, repeats: int):

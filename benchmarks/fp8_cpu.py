@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from timing import checked, interleaved, ratio
-from transformers.generation.streamers import BaseStreamer
+from timing import StepClock, checked, interleaved, ratio
 
 import modeling_deepseekv3 as ds
 from modeling_deepseekv3.attention import KVBFP8Linear
@@ -154,18 +153,6 @@ def bench_kv_b(rows_list, rounds: int, layers: int = 24):
         print(f"  rows/head {rows:3d}: FP8 head kernels {ms(t['fp8'])} ms, dense fp32 copy {ms(t['dense'])} ms "
               f"({ratio(t['dense'], t['fp8']):.2f}x) {pc}  max|diff| {diff.abs().max().item():.1e}", flush=True)
 
-
-class StepClock(BaseStreamer):
-    """Timestamps only: ``put`` is called with the prompt, then once per new token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def bench_e2e(prompt_len: int, new_tokens: int, repeats: int):

@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["ImplausibleMeasurement", "checked", "interleaved", "ratio", "time_call"]
+__all__ = ["ImplausibleMeasurement", "StepClock", "checked", "interleaved", "ratio", "time_call"]
 
 MIN_SECONDS = 1e-7  # below perf_counter's useful resolution for one timed batch of calls
 
@@ -52,3 +52,18 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: i
 def ratio(numerator: float, denominator: float, what: str = "ratio") -> float:
     """``numerator / denominator`` of two checked measurements."""
     return checked(numerator, f"{what} (numerator)") / checked(denominator, f"{what} (denominator)")
+
+
+class StepClock:
+    """A ``generate(streamer=...)`` that only timestamps: ``generate`` calls ``put`` with the prompt, then once
+    per new token, so consecutive timestamps after the first new token are the decode steps themselves
+    (transformers only calls ``put``/``end``, so no base class is needed)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass

@@ -216,6 +216,13 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
 
 
 def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config) -> str:
+    mtp = [k for k in missing if any(f"layers.{i}." in k for i in mtp_layer_indices(config))]
+    shown = ", ".join(repr(k) for k in missing[:5])
+    if mtp and len(mtp) == len(missing):  # the decoder is complete; only the MTP layer is absent
+        return (
+            f"the checkpoint lacks {len(missing)} tensors this config needs (e.g. {shown}). They all belong to the "
+            "MTP layer: pass load_mtp=False to build the model without it."
+        )
     stored = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
     expected = config.num_hidden_layers + config.num_mtp_modules
     if stored and max(stored) + 1 < expected:  # the most common cause: config.json of another size
@@ -233,14 +240,10 @@ def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config)
             "in total). Without the block scales the FP8 codes are meaningless; the shards are incomplete or "
             "were written by a tool that dropped the scales."
         )
-    mtp = [k for k in missing if any(f"layers.{i}." in k for i in mtp_layer_indices(config))]
-    shown = ", ".join(repr(k) for k in missing[:5])
-    msg = f"the checkpoint lacks {len(missing)} tensors this config needs (e.g. {shown})."
-    if len(mtp) == len(missing):
-        msg += " They all belong to the MTP layer: pass load_mtp=False to build the model without it."
-    else:
-        msg += " The shards are incomplete or config.json describes a different model."
-    return msg
+    return (
+        f"the checkpoint lacks {len(missing)} tensors this config needs (e.g. {shown}). The shards are incomplete "
+        "or config.json describes a different model."
+    )
 
 
 def finalize_loaded_model(model) -> None:
