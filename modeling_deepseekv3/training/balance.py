@@ -38,17 +38,20 @@ class ExpertLoadTracker:
 
     ``counts``: ``{layer name: int64 [E]}`` since the last :meth:`reset`. Counting happens in forward
     passes only (a checkpointed layer's recomputation during backward is skipped), so the counts of a step
-    are the tokens of its micro-batches, each once."""
+    are the tokens of its micro-batches, each once. With ``training_only`` a forward in eval mode is not
+    counted: an evaluation between two optimizer steps must not steer the next bias update (held-out data
+    would leak into training, and a run resumed after that step would diverge from the uninterrupted one)."""
 
-    def __init__(self, model):
+    def __init__(self, model, training_only: bool = False):
         self.counts: dict[str, torch.Tensor] = {}
+        self.training_only = training_only
         self._handles = []
         for name, moe in _moe_layers(model):
             self._handles.append(moe.gate.register_forward_hook(self._hook(name, moe.n_routed_experts)))
 
     def _hook(self, name: str, num_experts: int):
         def count(module, args, output):
-            if _in_backward():
+            if _in_backward() or (self.training_only and not module.training):
                 return
             with torch.no_grad():
                 c = torch.bincount(output.indices.flatten(), minlength=num_experts)
@@ -65,12 +68,16 @@ class ExpertLoadTracker:
         self._handles = []
 
 
-def track_expert_load(model, enabled: bool = True) -> ExpertLoadTracker | None:
+def track_expert_load(model, enabled: bool = True, training_only: bool = False) -> ExpertLoadTracker | None:
     """Count, per MoE layer, the tokens routed to each expert (what the bias update and the load
-    statistics read). Off by default: inference pays nothing. Returns the tracker (None when disabled)."""
+    statistics read). Off by default: inference pays nothing. ``training_only``: forwards in eval mode are
+    not counted (what a training loop that evaluates between steps wants). Returns the tracker (None when
+    disabled)."""
     tracker = model.__dict__.get("_expert_load_tracker")
     if enabled and tracker is None:
-        tracker = model.__dict__["_expert_load_tracker"] = ExpertLoadTracker(model)
+        tracker = model.__dict__["_expert_load_tracker"] = ExpertLoadTracker(model, training_only)
+    elif enabled:
+        tracker.training_only = training_only
     elif not enabled and tracker is not None:
         tracker.remove()
         tracker = model.__dict__.pop("_expert_load_tracker")

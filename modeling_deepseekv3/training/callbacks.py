@@ -19,7 +19,7 @@ class RoutingBiasCallback(TrainerCallback):
         self._last = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        track_expert_load(model, True)
+        track_expert_load(model, True, training_only=True)  # Trainer evaluates between steps
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._last = update_routing_bias(model, self.gamma)

@@ -266,7 +266,7 @@ def pretrain(args: PretrainArgs) -> dict:
         optimizer = AdamWBF16Moments(groups, lr=args.lr, betas=(0.9, 0.95))
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    track_expert_load(model, True)
+    track_expert_load(model, True, training_only=True)  # evaluation must not steer the bias update
     meta = {"args": args.identity(), "config": _config_fingerprint(config), "data": stream.fingerprint,
             "eval_data": eval_stream.fingerprint if eval_stream else None}
 

@@ -296,3 +296,27 @@ def test_cli_errors_are_one_line_with_debug_for_the_traceback(tmp_path, capsys):
         cli(["plan", "hub_config/deepseek-v3", "--context", "-5"])
     with pytest.raises((OSError, ValueError)):
         cli(["--debug", "plan", str(tmp_path / "ckpt" / "config.json"), "--gpus", "1x80GiB"])
+
+
+def test_generating_in_a_loop_does_not_grow(tiny_fp8):
+    """Item 8: wave 1's FP8 path leaked ~1.9 MiB per 200 tokens (linear, never reclaimed); the long version is
+    ``benchmarks/soak.py``. After a warm-up, 20 more generations of 100 tokens on the default FP8 path must stay
+    within a few MiB (the leak would have added ~19 MiB)."""
+    import gc
+    from pathlib import Path
+
+    def rss_mib():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    model = load(tiny_fp8)
+    ids = input_ids(1, 8)
+    opts = {"max_new_tokens": 100, "min_new_tokens": 100, "do_sample": False}
+    for _ in range(3):
+        model.generate(ids, **opts)
+    gc.collect()
+    start = rss_mib()
+    for _ in range(20):
+        model.generate(ids, **opts)
+    gc.collect()
+    assert rss_mib() - start < 6.0, f"RSS grew {rss_mib() - start:.1f} MiB over 20 x generate(100)"

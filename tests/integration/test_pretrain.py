@@ -67,24 +67,28 @@ def test_learns_logs_every_field_and_is_deterministic(texts, tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in log]  # same command, same seed, same losses
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(texts, tmp_path, monkeypatch):
-    _, straight = run(texts, tmp_path / "straight", save_every=8)
+@pytest.mark.parametrize("save_every,killed_at", [(8, 13), (12, 15)])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(texts, tmp_path, monkeypatch, save_every, killed_at):
+    """Killed between two checkpoints; (12, 15) resumes from a step that also evaluated (step 12), so the
+    resumed process trains on before any evaluation has run in it: evaluation must leave no trace."""
+    _, straight = run(texts, tmp_path / "straight", save_every=save_every)
     import modeling_deepseekv3.training.pretrain as module
 
     real, calls = module.update_routing_bias, {"n": 0}
 
-    def killed_at_step_13(*a, **k):
+    def killed(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt  # like a kill between two checkpoints (last complete one: step 8)
+        if calls["n"] == killed_at:
+            raise KeyboardInterrupt  # like a kill between two checkpoints
         return real(*a, **k)
 
-    monkeypatch.setattr(module, "update_routing_bias", killed_at_step_13)
+    monkeypatch.setattr(module, "update_routing_bias", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(texts, tmp_path / "resumed", save_every=8)
-    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step-0000008"
+        run(texts, tmp_path / "resumed", save_every=save_every)
+    last = save_every * ((killed_at - 1) // save_every)
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == f"step-{last:07d}"
     monkeypatch.setattr(module, "update_routing_bias", real)
-    _, resumed = run(texts, tmp_path / "resumed", save_every=8, resume=True)
+    _, resumed = run(texts, tmp_path / "resumed", save_every=save_every, resume=True)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     a = _weights(tmp_path / "straight")
     b = _weights(tmp_path / "resumed")

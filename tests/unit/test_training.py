@@ -77,6 +77,23 @@ def test_update_routing_bias_and_load_statistics(tiny_fp8):
     assert not expert_load(model) and update_routing_bias(model) == {}
 
 
+def test_training_only_tracking_ignores_evaluation(tiny_bf16_direct_q):
+    """An evaluation between two optimizer steps (pretrain's --eval-every, Trainer's eval) must not steer the
+    next bias update: with ``training_only`` eval-mode forwards are not counted; by default they are."""
+    model = load(tiny_bf16_direct_q)
+    ids = input_ids(2, 8)
+    track_expert_load(model, True, training_only=True)
+    with torch.no_grad():
+        model.eval()(ids)
+    assert not expert_load(model)
+    model.train()(ids)
+    assert all(v.sum() == 2 * 8 * model.config.num_experts_per_tok for v in expert_load(model).values())
+    track_expert_load(model, True)  # back to counting everything (statistics at inference)
+    with torch.no_grad():
+        model.eval()(ids)
+    assert all(v.sum() == 2 * 2 * 8 * model.config.num_experts_per_tok for v in expert_load(model).values())
+
+
 def test_load_counted_once_under_gradient_checkpointing(tiny_bf16_direct_q):
     """The backward recomputation of a checkpointed layer re-runs its router; it must not count twice."""
     counts = []
