@@ -184,6 +184,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .checkpoint import make_tiny_checkpoint
+    from .checkpoint.tiny import SERVABLE_DIMS
 
     out = make_tiny_checkpoint(
         args.dir,
@@ -192,6 +193,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
         num_shards=args.shards,
         seed=args.seed,
         scale_fmt=args.scale_fmt,
+        overrides=SERVABLE_DIMS if args.servable else None,
     )
     print(f"wrote {out}")
     return 0
@@ -201,7 +203,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .training.pretrain import PretrainArgs, pretrain
 
     fields = PretrainArgs.__dataclass_fields__
-    summary = pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    try:
+        summary = pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    finally:  # under torchrun: leave the process group cleanly, also after an error
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     final = summary.get("final", {})
     print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens; final loss {final.get('loss')}"
           + (f", held-out {final['eval_bits_per_byte']:.3f} bits/byte" if "eval_bits_per_byte" in final else ""))
@@ -241,6 +251,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--log-json", default=None, help="one JSON object per step to this file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel ranks (FSDP2); run under torchrun --nproc-per-node N (default: its world size)")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the BF16/FP8 exports")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
 
@@ -318,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2, help="number of safetensors shards (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scale-fmt", choices=("ue8m0",), default=None, help="power-of-two FP8 scales (V3.1 style)")
+    p.add_argument("--servable", action="store_true",
+                   help="V3's latent width (kv_lora_rank 512, rope 64), which serving engines' MLA kernels need")
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("plan", help="plan a device map and print a fit report", description=(

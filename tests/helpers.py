@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -30,3 +31,18 @@ def native_from(model: ds.DeepseekV3ForCausalLM, tmp_path) -> transformers.Deeps
     dense = ds.DeepseekV3ForCausalLM.from_pretrained(model.config.name_or_path, dtype=torch.float32, dequantize_fp8=True)
     dense.save_pretrained(tmp_path / "dense-fp32", storage_dtype=torch.float32)
     return transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "dense-fp32", dtype=torch.float32).eval()
+
+
+WORDS = ("the king queen lord lady sword crown night day love death fair foul heart blood hand eye soul speak "
+         "come go tell know see hear thou thee thy my our what why when where shall will must doth hath art").split()
+
+
+def corpus(path, n_lines: int, seed: int):
+    """A small text file of random sentences over :data:`WORDS` (pretraining tests: learnable, reproducible)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):  # sentences with a little structure: "WORD WORD, WORD." repeated patterns
+        k = rng.randint(4, 9)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + rng.choice([".", "!", "?", ","]))
+    path.write_text("\n".join(lines) + "\n")
+    return path

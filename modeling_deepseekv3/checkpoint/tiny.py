@@ -16,7 +16,7 @@ from .atomic import atomic_directory
 from .headers import INDEX_NAME, SCALE_SUFFIX
 from .layout import TensorSpec, checkpoint_layout, mtp_layer_indices
 
-__all__ = ["FP8_QUANTIZATION_CONFIG", "TINY_CONFIG", "make_tiny_checkpoint"]
+__all__ = ["FP8_QUANTIZATION_CONFIG", "SERVABLE_DIMS", "TINY_CONFIG", "make_tiny_checkpoint"]
 
 #: A tiny config that reaches every branch: dense + MoE layers, an MTP layer, n_group > 1 with
 #: topk_group < n_group, YaRN, and shapes that are not multiples of 128 (partial FP8 blocks in
@@ -107,6 +107,12 @@ def _official_config_dict(config_dict: dict, fp8: bool, scale_fmt: str | None, d
     out["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
     out["transformers_version"] = transformers.__version__
     return dict(sorted(out.items()))
+
+
+#: Overrides that make a tiny checkpoint servable by engines whose MLA kernels support only DeepSeek-V3's
+#: latent width (vLLM's CPU MLA: ``kv_lora_rank + qk_rope_head_dim`` = 576, as in V3; the tiny default's 176
+#: is refused with "Head dimension 176 is not supported by MLA"). ``make-tiny --servable``.
+SERVABLE_DIMS = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
 
 
 def make_tiny_checkpoint(

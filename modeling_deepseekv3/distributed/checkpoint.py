@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.atomic import atomic_directory, publish_directory, remove_stale_leftovers, staging_path
 
 __all__ = ["TrainingCheckpointError", "latest_checkpoint", "load_training_state", "read_meta", "save_training_state"]
 
@@ -65,10 +66,46 @@ def save_training_state(root: str | Path, step: int, model, optimizer, loop: dic
     model_sd, optim_sd = get_state_dict(model, optimizer)
     target = step_dir(root, step)
     state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state(), "loop": json.dumps(loop)}
-    with atomic_directory(target) as staging:
-        with _quiet_single_process():
-            dcp.save(state, checkpoint_id=staging, no_dist=_single_process())
-        (staging / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+    if _single_process():
+        with atomic_directory(target) as staging:
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=staging, no_dist=True)
+            (staging / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+        return target
+    return _save_distributed(target, state, meta, step)
+
+
+def _save_distributed(target: Path, state: dict, meta: dict, step: int) -> Path:
+    """Every rank writes its shards into one staging directory (named by rank 0); rank 0 adds ``meta.json``
+    and publishes it once all ranks are done. Any rank's failure fails the save on every rank, and the
+    previous checkpoint stays the latest complete one."""
+    rank0 = dist.get_rank() == 0
+    staging = None
+    if rank0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_leftovers(target)
+        staging = staging_path(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    box = [str(staging) if staging else None]
+    dist.broadcast_object_list(box, src=0)
+    staging = Path(box[0])
+    try:
+        dcp.save(state, checkpoint_id=staging)  # collective: raises on every rank if any rank failed
+        error = None
+        if rank0:
+            try:
+                (staging / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+                publish_directory(staging, target)
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise OSError(f"saving {target} failed on rank 0 ({box[0]}); the previous checkpoint is kept.")
+    finally:
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -14,8 +14,10 @@ ecosystem: HF ``tokenizers``, ``torch.distributed.checkpoint``, tqdm, matplotlib
   ``model.layers.{num_hidden_layers}`` and its embedding/head copies, loadable by us and transformers-native.
 
 Determinism: the same command and seed give the same losses; ``--resume`` continues bit for bit from the
-last checkpoint (model, optimizer, data position, RNG, statistics). The loop is single-process; the
-distributed layouts of ``distributed/`` run the same loop under torchrun.
+last checkpoint (model, optimizer, data position, RNG, statistics) with the same layout, and within float
+rounding with another one (checkpoints are DCP, resharded on load). Under ``torchrun`` with ``--dp N`` the
+same loop runs data-parallel (``distributed/data_parallel.py``): each rank takes its slice of every global
+batch, and what a single process would log is what rank 0 logs.
 """
 
 from __future__ import annotations
@@ -85,12 +87,15 @@ class PretrainArgs:
     resume: bool = False
     log_json: str | None = None
     threads: int | None = None
+    dp: int | None = None
     progress: bool = True
     export: bool = True
 
     def identity(self) -> dict:
-        """What a resumed run must share with the one it continues (everything but step counts and I/O)."""
-        keep = ("seq_len", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr_ratio",
+        """What a resumed run must share with the one it continues: everything but step counts, I/O and the
+        layout (``--micro-batch-size``, ``--dp``, ``--threads``: another layout continues the same run, equal
+        within float rounding; the same layout continues it bit for bit)."""
+        keep = ("seq_len", "global_batch_size", "lr", "warmup_steps", "min_lr_ratio",
                 "weight_decay", "grad_clip", "seed", "fp8", "adam_moments", "mtp_weight", "balance_alpha", "bias_update_rate")
         return {k: getattr(self, k) for k in keep}
 
@@ -217,22 +222,31 @@ def pretrain(args: PretrainArgs) -> dict:
         read_meta,
         save_training_state,
     )
+    from ..distributed.data_parallel import (
+        all_reduce_expert_load,
+        apply_data_parallel,
+        init_layout,
+        mean_over_ranks,
+    )
     from ..modeling import DeepseekV3ForCausalLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    micro = args.micro_batch_size or args.global_batch_size
-    if args.global_batch_size % micro:
+    layout = init_layout(args.dp)
+    micro = args.micro_batch_size or args.global_batch_size // layout.dp
+    if micro < 1 or args.global_batch_size % (micro * layout.dp):
         raise PretrainError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro}: each "
-            "optimizer step accumulates whole micro-batches."
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro} x "
+            f"--dp {layout.dp}: each optimizer step accumulates whole micro-batches on every rank."
         )
     if args.adam_moments not in ("fp32", "bf16"):
         raise PretrainError(f"--adam-moments must be fp32 or bf16, got {args.adam_moments!r}.")
     if args.steps < 1 or args.seq_len < 2:
         raise PretrainError("--steps must be >= 1 and --seq-len >= 2.")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if layout.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    layout.barrier()
     ckpt_root = out / "checkpoints"
 
     config = load_model_config(args.model_config, args.vocab_size)
@@ -245,7 +259,11 @@ def pretrain(args: PretrainArgs) -> dict:
     overlap = set(train_files) & set(eval_files)
     if overlap:
         raise DataError(f"{sorted(overlap)[0]} is in both --data and --eval-data; hold evaluation text out.")
-    tok = _build_tokenizer(args, config, train_files, out)
+    if layout.is_main:  # one rank trains (or reads) the tokenizer; the others read what it saved
+        tok = _build_tokenizer(args, config, train_files, out)
+    layout.barrier()
+    if not layout.is_main:
+        tok = _build_tokenizer(args, config, train_files, out)
     stream = TokenStream.from_files(train_files, tok)
     sampler = WindowSampler(stream, args.seq_len, args.seed)
     eval_stream = TokenStream.from_files(eval_files, tok) if eval_files else None
@@ -258,6 +276,7 @@ def pretrain(args: PretrainArgs) -> dict:
         from ..fp8.training import convert_to_fp8_training
 
         convert_to_fp8_training(model)
+    apply_data_parallel(model, layout)  # no-op alone; FSDP2 units per decoder layer under torchrun --dp N
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -288,7 +307,7 @@ def pretrain(args: PretrainArgs) -> dict:
         step, tokens_seen = int(loop["step"]), int(loop["tokens"])
         sampler.load_state_dict(loop["sampler"])
         history = list(loop["history"])
-    logger = _Logger(args.log_json, step if args.resume else 0)
+    logger = _Logger(args.log_json if layout.is_main else None, step if args.resume else 0)
 
     def save(at_step: int) -> None:
         loop = {"step": at_step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "history": history}
@@ -297,8 +316,10 @@ def pretrain(args: PretrainArgs) -> dict:
     eval_w = eval_windows(eval_stream, args.seq_len) if eval_stream else None
     from transformers.utils.logging import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", disable=not args.progress)
-    n_micro = args.global_batch_size // micro
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step",
+               disable=not (args.progress and layout.is_main))
+    n_micro = args.global_batch_size // (micro * layout.dp)
+    mine = slice(layout.rank * micro, (layout.rank + 1) * micro)
     t_last = time.perf_counter()
     while step < args.steps:
         lr = lr_at(step, args)
@@ -306,7 +327,8 @@ def pretrain(args: PretrainArgs) -> dict:
             group["lr"] = lr
         parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for _ in range(n_micro):
-            batch = sampler.next_batch(micro)  # (B, seq_len + 1)
+            # every rank draws the same windows and keeps its slice: the step sees the single process's batch
+            batch = sampler.next_batch(micro * layout.dp)[mine]  # (B, seq_len + 1)
             # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
             out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
             (out_.loss / n_micro).backward()
@@ -314,15 +336,18 @@ def pretrain(args: PretrainArgs) -> dict:
             parts["lm_loss"] += float(out_.lm_loss.detach()) / n_micro
             parts["mtp_loss"] += float(out_.mtp_loss.detach()) / n_micro if out_.mtp_loss is not None else 0.0
             parts["balance_loss"] += float(out_.aux_loss.detach()) / n_micro if out_.aux_loss is not None else 0.0
+        parts = mean_over_ranks(parts, layout)
         if not math.isfinite(parts["loss"]):
             last = latest_checkpoint(ckpt_root)
             raise PretrainError(
                 f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
                 f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
             )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        all_reduce_expert_load(model, layout)
         imbalance = update_routing_bias(model, args.bias_update_rate)
         step += 1
         tokens_seen += args.global_batch_size * args.seq_len
@@ -346,15 +371,42 @@ def pretrain(args: PretrainArgs) -> dict:
     bar.close()
     save(step)
     summary = {"steps": step, "tokens": tokens_seen, "final": history[-1] if history else {},
-               "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None}
-    if args.export:
-        summary["exports"] = export(model, tok, out, config)
-        from .report import write_loss_curve, write_model_card
+               "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None,
+               "data_parallel": layout.dp}
+    plain = _gather_plain_model(model, layout, config) if args.export else None  # collective under --dp
+    if layout.is_main:
+        if args.export:
+            summary["exports"] = export(plain, tok, out, config)
+            from .report import write_loss_curve, write_model_card
 
-        summary["loss_curve"] = write_loss_curve(history, out / "loss_curve.png")
-        write_model_card(out, args, config, summary, model)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+            summary["loss_curve"] = write_loss_curve(history, out / "loss_curve.png")
+            write_model_card(out, args, config, summary, plain)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    layout.barrier()
     return summary
+
+
+def _gather_plain_model(model, layout, config):
+    """The trained model as one unsharded module on rank 0 (the model itself when alone; None elsewhere)."""
+    if not layout.distributed:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..modeling import DeepseekV3ForCausalLM
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not layout.is_main:
+        return None
+    plain = DeepseekV3ForCausalLM(config)
+    tie_mtp_to_main(plain)
+    if "_fp8_training" in model.__dict__:
+        from ..fp8.training import convert_to_fp8_training
+
+        convert_to_fp8_training(plain)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if missing or unexpected:
+        raise PretrainError(f"gathering the trained model failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return plain  # (the router biases are persistent buffers: in the state dict, identical on every rank)
 
 
 def export(model, tok, out: Path, config) -> dict:

@@ -219,6 +219,16 @@ def test_cli_convert_and_make_tiny(tmp_path, capsys):
         assert exc.value.code == 0
 
 
+def test_make_tiny_servable_has_v3_latent_width(tmp_path):
+    """``--servable``: the latent width serving engines' MLA kernels need (576 = 512 + 64, as V3); it loads
+    and decodes here like any tiny checkpoint."""
+    assert cli(["make-tiny", str(tmp_path / "s"), "--servable", "--bf16"]) == 0
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 576
+    model = load(tmp_path / "s")
+    assert model.generate(input_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
 def test_make_tiny_layout(tiny_fp8):
     index = json.loads((tiny_fp8 / INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))

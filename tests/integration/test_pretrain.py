@@ -4,31 +4,17 @@ each DeepSeek term is on exactly when asked, the exports reload, and bad input s
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import transformers
 
 import modeling_deepseekv3 as ds
-from helpers import load
+from helpers import corpus, load
 from modeling_deepseekv3.cli import main as cli
 from modeling_deepseekv3.distributed.checkpoint import TrainingCheckpointError, latest_checkpoint
 from modeling_deepseekv3.training.data import DataError
 from modeling_deepseekv3.training.pretrain import PretrainArgs, PretrainError, pretrain
-
-WORDS = ("the king queen lord lady sword crown night day love death fair foul heart blood hand eye soul speak "
-         "come go tell know see hear thou thee thy my our what why when where shall will must doth hath art").split()
-
-
-def corpus(path, n_lines: int, seed: int):
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):  # sentences with a little structure: "WORD WORD, WORD." repeated patterns
-        k = rng.randint(4, 9)
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + rng.choice([".", "!", "?", ","]))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,160 @@
+"""Data parallelism for training: FSDP2 ``fully_shard`` at decoder-layer granularity, applied from outside.
+
+``deepseek-v3 pretrain --dp N`` under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPUs) runs the same
+loop as one process: each rank takes its slice of every global batch, FSDP2 averages the gradients, and the
+aux-loss-free bias update sees the expert loads of all ranks (:func:`all_reduce_expert_load`), so for the same
+seed and global batch the losses equal the single-process run's up to float rounding (tested).
+
+Two MoE-specific hazards, both measured here before this module existed:
+
+* **Experts idle on one rank only.** FSDP2 reduce-scatters, per layer, the gradients that exist; an expert that
+  received no token on rank 0 but some on rank 1 has no gradient on rank 0, the two ranks' reduce-scatters
+  then differ in size (gloo: "Received data size doesn't match expected size") -- or, where sizes happen to
+  agree, pair different tensors silently. :func:`apply_data_parallel` hooks every ``mlp.experts``: in a
+  training forward it sums the per-expert token counts over the ranks (one small all-reduce per MoE layer)
+  and gives every expert that is idle here but busy elsewhere a zero-valued path to the output, so its
+  gradient exists (zeros) on every rank. An expert idle on *all* ranks keeps no gradient anywhere, exactly
+  as in the single-process run (AdamW then skips it there too).
+* **Experts as their own FSDP units.** Ranks that skip different experts would then pair their all-gathers
+  by call order and compute with the wrong weights; units here are whole decoder layers (all experts of a
+  layer gathered together) plus the root (embeddings, head, final norm, the MTP layer, which shares the
+  embedding and head with the main model and therefore stays in the root's unit).
+
+The dense experts' grouped inference path re-homes expert weights into stacked buffers; FSDP owns those
+storages, so it is switched off on sharded models (evaluation takes the per-expert path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DataParallelError", "Layout", "all_reduce_expert_load", "apply_data_parallel", "init_layout", "mean_over_ranks"]
+
+
+class DataParallelError(ValueError):
+    """A distributed layout that cannot run (wrong world size, not under torchrun, ...); says what to change."""
+
+
+@dataclass
+class Layout:
+    """Where this process sits: ``dp`` ranks of data parallelism, this one ``rank``; ``mesh`` is None alone."""
+
+    dp: int = 1
+    rank: int = 0
+    mesh: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """``obj`` as rank 0 has it, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_layout(dp: int | None) -> Layout:
+    """Start (or join) the process group torchrun set up and check the requested layout against it.
+
+    ``dp=None`` takes the world size. Raises :class:`DataParallelError` naming the fix -- on every rank, before
+    any work -- for ``--dp N > 1`` outside torchrun and for a world size that ``--dp`` does not account for."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dp is not None and dp < 1:
+        raise DataParallelError(f"--dp must be >= 1, got {dp}.")
+    if world == 1:
+        if dp not in (None, 1):
+            raise DataParallelError(
+                f"--dp {dp} needs {dp} processes: run under torchrun, e.g. `torchrun --nproc-per-node {dp} -m "
+                f"modeling_deepseekv3 pretrain ... --dp {dp}`."
+            )
+        return Layout()
+    if dp is not None and dp != world:
+        raise DataParallelError(
+            f"--dp {dp} does not match the world size {world} torchrun started (data parallelism is the only "
+            f"layout so far: --dp must equal --nproc-per-node x nodes, or be left out)."
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    mesh = init_device_mesh(device, (world,), mesh_dim_names=("dp",))
+    return Layout(dp=world, rank=dist.get_rank(), mesh=mesh)
+
+
+def _experts_modules(model):
+    from ..moe.experts import RoutedExperts
+
+    return [m for m in model.modules() if isinstance(m, RoutedExperts)]
+
+
+def _touch_idle_experts(module, args, output):
+    """Forward hook of ``mlp.experts`` (module docstring): zero-valued paths from the experts idle here but busy
+    on another rank, so FSDP's per-layer reduce-scatter carries the same tensors on every rank."""
+    if not (module.training and torch.is_grad_enabled()):
+        return output
+    counts_E = args[1]
+    everywhere_E = counts_E.detach().clone()
+    dist.all_reduce(everywhere_E)
+    idle = ((counts_E == 0) & (everywhere_E > 0)).nonzero().flatten().tolist()
+    if not idle:
+        return output
+    touch = sum(p.reshape(-1)[:1].sum() for e in idle for p in module[e].parameters() if p.requires_grad)
+    return output + 0.0 * touch
+
+
+def apply_data_parallel(model, layout: Layout):
+    """Shard ``model`` over ``layout``'s ranks with FSDP2: one unit per main decoder layer, then the root. The
+    model must already hold its initial weights (the same on every rank: same seed). Returns the model."""
+    if not layout.distributed:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for experts in _experts_modules(model):
+        experts.grouped = False  # FSDP owns the weights' storage: no re-homing into stacked buffers
+        experts.register_forward_hook(_touch_idle_experts)
+    for layer in model.model.layers[: model.config.num_hidden_layers]:
+        fully_shard(layer, mesh=layout.mesh)
+    fully_shard(model, mesh=layout.mesh)
+    return model
+
+
+def all_reduce_expert_load(model, layout: Layout) -> None:
+    """Sum the counted expert loads over the ranks, in place, so every rank's bias update sees the global
+    batch (and all ranks' router biases stay identical)."""
+    if not layout.distributed:
+        return
+    from ..training.balance import _tracker
+
+    tracker = _tracker(model)
+    if tracker is None:
+        return
+    for name in sorted(tracker.counts):  # same order on every rank
+        dist.all_reduce(tracker.counts[name])
+
+
+def mean_over_ranks(values: dict[str, float], layout: Layout) -> dict[str, float]:
+    """The mean of each value over the ranks (the global-batch figure a single process would log)."""
+    if not layout.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / layout.dp for k, v in zip(keys, t.tolist())}

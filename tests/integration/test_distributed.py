@@ -1,0 +1,117 @@
+"""``deepseek-v3 pretrain --dp 2`` under real ``torchrun`` (gloo, CPU) against the single-process run: same
+per-step losses, gradient norms, expert loads (bias updates) and evaluation; the final weights and the exports
+agree; checkpoints resume across layouts (2 ranks -> 1 process and back); bad layouts are refused on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import corpus, load
+from modeling_deepseekv3.distributed.checkpoint import latest_checkpoint
+
+COMMON = ["--model-config", "tiny", "--vocab-size", "512", "--seq-len", "32", "--global-batch-size", "8",
+          "--steps", "6", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "3",
+          "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train").mkdir()
+    corpus(root / "train" / "a.txt", 600, 0)
+    corpus(root / "train" / "b.txt", 600, 1)
+    corpus(root / "eval.txt", 150, 2)
+    return root
+
+
+def pretrain(texts, out, *extra, ranks: int = 1, check=True):
+    data = ["--data", str(texts / "train"), "--eval-data", str(texts / "eval.txt"), "--output", str(out),
+            "--log-json", str(out / "log.jsonl")]
+    cmd = [sys.executable, "-m", "modeling_deepseekv3", "pretrain", *COMMON, *data, *extra]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               *cmd[1:]]  # torchrun runs `-m modeling_deepseekv3 ...` in each rank
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(latest_checkpoint(out / "checkpoints"), out / "final.pt")
+    return torch.load(out / "final.pt", weights_only=False)["model"]
+
+
+def assert_same_run(a: list[dict], b: list[dict], rel=1e-5):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "eval_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=rel), (x["step"], key, x[key], y[key])
+        assert x["expert_load_imbalance"] == y["expert_load_imbalance"], x["step"]  # the same counts
+
+
+@pytest.fixture(scope="module")
+def runs(texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp")
+    pretrain(texts, root / "single", "--micro-batch-size", "4")
+    pretrain(texts, root / "dp2", "--dp", "2", "--micro-batch-size", "2", ranks=2)
+    return root
+
+
+def test_dp2_equals_the_single_process_run(runs):
+    single, dp2 = log(runs / "single"), log(runs / "dp2")
+    assert len(single) == 6 and [r["step"] for r in single if "eval_loss" in r] == [3, 6]
+    assert_same_run(single, dp2)
+    a, b = weights(runs / "single"), weights(runs / "dp2")
+    assert a.keys() == b.keys()
+    for k in a:  # router biases moved identically (global counts); weights within float rounding
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    summary = json.loads((runs / "dp2" / "summary.json").read_text())
+    assert summary["data_parallel"] == 2
+
+
+def test_dp2_exports_the_same_model(runs):
+    """Rank 0 gathers the sharded model and writes the official BF16 and FP8 exports, as a single process does."""
+    single, dp2 = load(runs / "single" / "bf16"), load(runs / "dp2" / "bf16")
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dp2(ids).logits, single(ids).logits, rtol=1e-2, atol=2e-2)  # BF16 storage
+    assert load(runs / "dp2" / "fp8").config.is_fp8
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_across_layouts(runs, texts, tmp_path, first, then):
+    """A checkpoint written by one layout continues under another with the uninterrupted run's losses."""
+    import shutil
+
+    src = runs / ("dp2" if first == 2 else "single")
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("step-0000006", "bf16", "fp8", "final.pt"))
+    extra = ["--dp", "2"] if then == 2 else []
+    pretrain(texts, out, "--resume", "--no-export", *extra, ranks=then)
+    assert_same_run(log(runs / "single"), log(out))
+
+
+def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
+    proc = pretrain(texts, tmp_path / "a", "--dp", "2", check=False)  # not under torchrun
+    assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
+    proc = pretrain(texts, tmp_path / "b", "--dp", "3", ranks=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("does not match the world size 2") == 2  # every rank says so
+    proc = pretrain(texts, tmp_path / "c", "--dp", "2", "--micro-batch-size", "3", ranks=2, check=False)
+    assert proc.returncode != 0 and "not divisible by --micro-batch-size 3 x --dp 2" in proc.stderr
+    assert not (tmp_path / "c" / "checkpoints").exists()
