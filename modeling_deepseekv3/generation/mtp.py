@@ -73,6 +73,9 @@ def mtp_generation_config(model, generation_config, kwargs: dict):
     if int(config.num_beams or 1) > 1:
         raise ValueError("use_mtp=True cannot be combined with beam search (num_beams > 1): MTP drafts one "
                          "continuation; use greedy decoding or sampling.")
+    if config.use_cache is False:
+        raise ValueError("use_mtp=True verifies drafts against the latent cache, but use_cache=False was asked (in the "
+                         "call or the model's generation_config.json); drop it or set use_cache=True.")
     config.use_mtp = False
     setattr(config, _FLAG, k)
     return config, model_kwargs

@@ -425,6 +425,7 @@ def export(model, tok, out: Path, config) -> dict:
     export_model.config.use_cache = True
     export_model.config.architectures = ["DeepseekV3ForCausalLM"]
     export_model.generation_config.do_sample = False
+    export_model.generation_config.use_cache = True  # built while training ran without a cache
     export_model.generation_config.pad_token_id = tok.pad_token_id
     export_model.eval().to(torch.bfloat16)
     bf16 = out / "bf16"

@@ -35,6 +35,20 @@ def write_loss_curve(history: list[dict], path: Path) -> str | None:
     return str(path)
 
 
+def _attribution(data: list[str]) -> list[str]:
+    """Lines crediting the training text: the ``SOURCE.json`` a data-preparation script left beside the data
+    (``scripts/prepare_shakespeare.py`` writes one: package, checksum, license), if any."""
+    for spec in data:
+        here = Path(spec.split("*")[0] or ".")
+        for folder in (here, *here.parents[:2]):
+            source = folder / "SOURCE.json"
+            if source.is_file():
+                info = json.loads(source.read_text())
+                fields = ", ".join(f"{k}: {v}" for k, v in info.items() if k in ("package", "works", "held_out", "sdist_sha256"))
+                return [f"- source: {fields}", f"- license: {info.get('license', 'see ' + str(source))}"]
+    return ["- source and license: not recorded (no SOURCE.json beside the data); credit the text's authors here."]
+
+
 def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
     """``out/README.md``: what was trained on what, how, and what it scores -- for the exports too."""
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -50,6 +64,7 @@ def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
         "",
         "## Training",
         f"- data: {summary.get('train_data')}; held out: {summary.get('eval_data')}",
+        *_attribution(args.data),
         f"- {summary.get('steps')} steps x {args.global_batch_size} sequences x {args.seq_len} tokens = "
         f"{summary.get('tokens'):,} tokens; AdamW (0.9, 0.95, wd {args.weight_decay}), lr {args.lr} "
         f"(warm-up {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), clip {args.grad_clip}, seed {args.seed}",

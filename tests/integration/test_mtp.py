@@ -169,4 +169,6 @@ def test_conflicts_are_clear_errors(tiny_fp8, tiny_bf16_direct_q):
         model.generate(ids, use_mtp=True, num_speculative_tokens=0, max_new_tokens=3)
     with pytest.raises(ValueError, match="DynamicCache"):
         model.generate(ids, use_mtp=True, cache=transformers.DynamicCache(), max_new_tokens=3)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(ids, use_mtp=True, use_cache=False, max_new_tokens=3)
     assert model.generate(ids, use_mtp=False, max_new_tokens=3).shape == (1, 8)  # off means plain decoding

@@ -110,11 +110,18 @@ def test_each_deepseek_term_is_on_exactly_when_asked(texts, tmp_path, term):
 
 def test_exports_reload_in_the_official_layout(texts, tmp_path):
     out = tmp_path / "run"
-    summary, _ = run(texts, out, steps=6, export=True)
-    assert (out / "README.md").is_file() and (out / "loss_curve.png").is_file()
+    (texts / "SOURCE.json").write_text(json.dumps({"package": "words==1.0", "license": "CC0 (test corpus)"}))
+    try:
+        summary, _ = run(texts, out, steps=6, export=True)
+    finally:
+        (texts / "SOURCE.json").unlink()
+    card = (out / "README.md").read_text()
+    assert "package: words==1.0" in card and "license: CC0 (test corpus)" in card  # attribution from SOURCE.json
+    assert (out / "loss_curve.png").is_file()
     bf16, fp8 = load(out / "bf16", dtype=torch.bfloat16), load(out / "fp8", dtype=torch.bfloat16)
     assert bf16.config.num_nextn_predict_layers == 1 and len(bf16.model.mtp_layers) == 1
     assert fp8.config.is_fp8 and fp8.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.float8_e4m3fn
+    assert fp8.generation_config.use_cache is True  # training ran without a cache; generation needs one
     cfg = json.loads((out / "fp8" / "config.json").read_text())
     assert cfg["topk_method"] == "noaux_tc" and cfg["quantization_config"]["weight_block_size"] == [128, 128]
     # the MTP layer's embedding and head are written as copies of the main ones
