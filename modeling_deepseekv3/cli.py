@@ -206,10 +206,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         summary = pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
     finally:  # under torchrun: leave the process group cleanly, also after an error
-        import torch.distributed as dist
+        from .distributed.data_parallel import leave_process_group
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     final = summary.get("final", {})

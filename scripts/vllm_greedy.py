@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--prompts", required=True, help="JSON file: a list of token-id lists")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="bfloat16", help="vLLM CPU's MLA kernels (AMX) take bfloat16, not float32")
     parser.add_argument("--mtp", type=int, default=0, help="num_speculative_tokens for vLLM's MTP method (0: off)")
     args = parser.parse_args()
     import vllm

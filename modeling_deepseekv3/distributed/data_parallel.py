@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DataParallelError", "Layout", "all_reduce_expert_load", "apply_data_parallel", "init_layout", "mean_over_ranks"]
+__all__ = [
+    "DataParallelError",
+    "Layout",
+    "all_reduce_expert_load",
+    "apply_data_parallel",
+    "full_state_dict",
+    "init_layout",
+    "leave_process_group",
+    "mean_over_ranks",
+]
 
 
 class DataParallelError(ValueError):
@@ -158,3 +167,17 @@ def mean_over_ranks(values: dict[str, float], layout: Layout) -> dict[str, float
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / layout.dp for k, v in zip(keys, t.tolist())}
+
+
+def full_state_dict(model, layout: Layout) -> dict | None:
+    """The sharded model's whole state dict, unsharded on CPU, on rank 0 (None on the others; collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if layout.is_main else None
+
+
+def leave_process_group() -> None:
+    """Destroy the process group if one is up (the CLI's exit path under torchrun, also after an error)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -390,12 +390,11 @@ def _gather_plain_model(model, layout, config):
     """The trained model as one unsharded module on rank 0 (the model itself when alone; None elsewhere)."""
     if not layout.distributed:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    from ..distributed.data_parallel import full_state_dict
     from ..modeling import DeepseekV3ForCausalLM
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not layout.is_main:
+    full = full_state_dict(model, layout)
+    if full is None:  # not rank 0
         return None
     plain = DeepseekV3ForCausalLM(config)
     tie_mtp_to_main(plain)
