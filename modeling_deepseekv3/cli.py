@@ -124,6 +124,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from .placement import plan_placement
 
+    if args.train:
+        return _cmd_plan_train(args)
+
     max_memory = _parse_gpus(args.gpus)
     if args.cpu:
         max_memory["cpu"] = args.cpu
@@ -140,6 +143,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(plan.device_map, indent=1))
         print(f"device map written to {args.output} (pass it as from_pretrained(device_map=json.load(...)))")
     return 0 if plan.fits else 1
+
+
+def _cmd_plan_train(args: argparse.Namespace) -> int:
+    """``plan --train``: per-rank memory and bubble of a training layout, on paper (distributed/train_plan.py)."""
+    from .distributed.train_plan import TrainLayout, plan_training
+    from .placement import _as_config, _size_to_int
+
+    layout = TrainLayout(pp=args.pp, dp=args.dp, ep=args.ep, schedule=args.pp_schedule, micro_batches=args.micro_batches,
+                         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, zero1=not args.no_zero1,
+                         adam_moments=args.adam_moments, fp8=not args.no_fp8, recompute=not args.no_recompute)
+    plan = plan_training(_as_config(args.config), layout)
+    gpus = _parse_gpus(args.gpus)
+    budget = _size_to_int(gpus[0]) if gpus else None
+    print(plan.report(budget))
+    return 0 if plan.fits(budget) in (None, True) else 1
 
 
 def _cmd_install_hub_files(args: argparse.Namespace) -> int:
@@ -346,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="load dtype of the non-FP8 tensors (default bfloat16)")
     p.add_argument("--output", default=None, help="write the device map as JSON here")
+    t = p.add_argument_group("training layouts (--train): per-rank memory and pipeline bubble on paper")
+    t.add_argument("--train", action="store_true", help="plan a training layout instead of an inference placement")
+    t.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
+    t.add_argument("--pp-schedule", choices=("1f1b", "zb1p", "dualpipe", "dualpipev"), default="1f1b")
+    t.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (taken from the data-parallel ones)")
+    t.add_argument("--dp", type=int, default=1, help="data-parallel ranks")
+    t.add_argument("--micro-batches", type=int, default=32, help="micro-batches per step and pipeline")
+    t.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch")
+    t.add_argument("--seq-len", type=int, default=4096)
+    t.add_argument("--adam-moments", choices=("fp32", "bf16"), default="bf16")
+    t.add_argument("--no-fp8", action="store_true", help="activations cached in BF16 (no FP8 recipe)")
+    t.add_argument("--no-recompute", action="store_true", help="store MLA up-projections and SwiGLU outputs")
+    t.add_argument("--no-zero1", action="store_true", help="optimizer states replicated, not sharded")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("install-hub-files", help="add the trust_remote_code shims to a checkout", description=(
