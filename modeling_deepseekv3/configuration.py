@@ -95,6 +95,22 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     """
 
     model_type = "deepseek_v3"
+    # transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under torchrun): the SwiGLU MLPs,
+    # shared and routed experts split their intermediate width (gate/up by rows, down by columns; one all-reduce
+    # per down projection). MLA stays replicated, as in native's plan. FP8 linears shard ``weight`` and
+    # ``weight_scale_inv`` together and compute on their local blocks (distributed/tensor_parallel.py refuses a
+    # tp size that cuts a 128-block).
+    base_model_tp_plan = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.experts.*.gate_proj": "colwise",
+        "layers.*.mlp.experts.*.up_proj": "colwise",
+        "layers.*.mlp.experts.*.down_proj": "rowwise",
+    }
     attribute_map = {
         "num_local_experts": "n_routed_experts",
         "num_mtp_layers": "num_nextn_predict_layers",

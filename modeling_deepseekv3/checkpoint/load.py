@@ -256,6 +256,10 @@ def finalize_loaded_model(model) -> None:
         module.compute_dtype = compute_dtype
     from ..placement import compute_cpu_experts_on_cpu
 
+    if (getattr(model, "_tp_size", None) or 1) > 1 and model.config.is_fp8:  # from_pretrained(tp_plan=...)
+        from ..distributed.tensor_parallel import check_fp8_shards
+
+        check_fp8_shards(model)
     check_loaded_values(model)
     if model.config.dequantize_fp8 and model.config.is_fp8:
         model.dequantize_fp8()

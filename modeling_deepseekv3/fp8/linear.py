@@ -72,6 +72,11 @@ class FP8Linear(nn.Module):
     ``deepseek-v3 convert`` to get dense weights.
     """
 
+    # transformers' tensor parallelism hands this module its local shards of ``weight`` and ``weight_scale_inv``
+    # (sharded together, whole 128-blocks: checked after loading) and local activations; forward works on the
+    # shapes it is given.
+    _hf_quantized_needs_local_tp = True
+
     def __init__(
         self,
         in_features: int,

@@ -155,7 +155,8 @@ class RoutedExperts(nn.ModuleList):
 
 
 def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
-    """Dense ``nn.Linear`` projections on ``x``'s device and dtype, no bias, no hooks of any kind."""
+    """Dense ``nn.Linear`` projections on ``x``'s device and dtype, plain tensors (no subclass such as a sharded
+    DTensor), no bias, no hooks of any kind."""
     if expert._forward_hooks or expert._forward_pre_hooks or hasattr(expert, "_hf_hook"):
         return False
     for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
@@ -165,5 +166,7 @@ def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
             return False
         w = proj.weight
         if w.device != x.device or w.dtype != x.dtype or w.is_meta:
+            return False
+        if type(w.data) is not torch.Tensor:  # a tensor subclass (a sharded DTensor under tp_plan): its module knows
             return False
     return True

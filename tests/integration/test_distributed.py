@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,32 @@ def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
     proc = pretrain(texts, tmp_path / "c", "--dp", "2", "--micro-batch-size", "3", ranks=2, check=False)
     assert proc.returncode != 0 and "not divisible by --micro-batch-size 3 x --dp 2" in proc.stderr
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def tp_run(checkpoint, tmp_path) -> list[dict]:
+    """``tp_plan="auto"`` on 2 gloo ranks (tests/integration/_tp_worker.py); each rank's report."""
+    report = tmp_path / "tp.json"
+    worker = Path(__file__).with_name("_tp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+           str(checkpoint), str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(Path(f"{report}.{r}").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tp_plan_auto_equals_single_process(tmp_path, fp8):
+    """transformers' own tensor parallelism on our declared plan: MLPs and experts sharded over 2 ranks give the
+    single-process logits and greedy tokens, BF16 and FP8 (widths in whole 128-blocks per rank)."""
+    import modeling_deepseekv3 as ds
+
+    ckpt = ds.make_tiny_checkpoint(tmp_path / "ckpt", fp8=fp8, overrides={"intermediate_size": 512,
+                                                                           "moe_intermediate_size": 256})
+    rank0, rank1 = tp_run(ckpt, tmp_path)
+    assert rank0["sharded"] == rank1["sharded"] == "DTensor"
+    assert rank0["max_diff"] < 1e-4 and rank0["generate_equal"], rank0
+
+
+def test_tp_plan_refuses_fp8_slices_that_cut_blocks(tiny_fp8, tmp_path):
+    reports = tp_run(tiny_fp8, tmp_path)  # the tiny default: 384 / 192-wide MLPs -> 192 / 96-wide slices
+    assert all("cut its 128-wide FP8 scale blocks" in r.get("error", "") for r in reports), reports
