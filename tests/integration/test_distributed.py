@@ -145,3 +145,38 @@ def test_tp_plan_auto_equals_single_process(tmp_path, fp8):
 def test_tp_plan_refuses_fp8_slices_that_cut_blocks(tiny_fp8, tmp_path):
     reports = tp_run(tiny_fp8, tmp_path)  # the tiny default: 384 / 192-wide MLPs -> 192 / 96-wide slices
     assert all("cut its 128-wide FP8 scale blocks" in r.get("error", "") for r in reports), reports
+
+
+def test_a_dead_rank_stops_the_run_and_the_last_checkpoint_resumes(texts, tmp_path):
+    """SIGKILL one of two ranks mid-run: the survivor and torchrun exit non-zero within a minute instead of
+    hanging in a collective, and the last complete checkpoint continues in a single process."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+
+    def command(steps: int) -> list[str]:
+        args = list(COMMON)
+        args[args.index("--steps") + 1] = str(steps)
+        return ["-m", "modeling_deepseekv3", "pretrain", *args, "--no-export", "--data", str(texts / "train"),
+                "--output", str(out), "--log-json", str(out / "log.jsonl")]
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             *command(400), "--dp", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log_file, deadline = out / "log.jsonl", time.time() + 300
+    while time.time() < deadline and not (log_file.exists() and len(log_file.read_text().splitlines()) >= 8):
+        time.sleep(0.2)
+    ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60, err[-2000:]
+    last = latest_checkpoint(out / "checkpoints")
+    assert last is not None
+    step = int(last.name.split("-")[1])
+    resumed = subprocess.run([sys.executable, *command(step + 3), "--resume"], capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in log(out)][-3:] == [step + 1, step + 2, step + 3]
