@@ -270,6 +270,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel ranks (FSDP2); run under torchrun --nproc-per-node N (default: its world size)")
+    p.add_argument("--pp", type=int, default=None,
+                   help="pipeline-parallel ranks (torch.distributed.pipelining, V placement); run under torchrun")
+    p.add_argument("--pp-schedule", choices=("dualpipev", "zbv"), default="dualpipev",
+                   help="pipeline schedule (V placement: the embedding, head and MTP layer stay on rank 0)")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the BF16/FP8 exports")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
 

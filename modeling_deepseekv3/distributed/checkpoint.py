@@ -21,13 +21,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..checkpoint.atomic import atomic_directory, publish_directory, remove_stale_leftovers, staging_path
 
 __all__ = ["TrainingCheckpointError", "latest_checkpoint", "load_training_state", "read_meta", "save_training_state"]
 
 META = "meta.json"
+# optimizer state flattened to one key per parameter and field (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``):
+# pipeline ranks hold different parameter groups, and only per-parameter keys reshard across layouts
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 
 
@@ -63,7 +66,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def save_training_state(root: str | Path, step: int, model, optimizer, loop: dict, meta: dict) -> Path:
     """Write ``root/step-NNNNNNN``: DCP shards of the model, the optimizer, the RNG state and ``loop`` (the
     training loop's own JSON-serializable state: step, data position, history), plus ``meta.json``."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     target = step_dir(root, step)
     state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state(), "loop": json.dumps(loop)}
     if _single_process():
@@ -116,7 +119,7 @@ def read_meta(path: str | Path) -> dict:
 def load_training_state(path: str | Path, model, optimizer) -> dict:
     """Load a checkpoint into ``model`` and ``optimizer`` in place, restore the RNG state, and return the
     loop state saved with it."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state(), "loop": ""}
     try:
         with _quiet_single_process():
@@ -126,6 +129,6 @@ def load_training_state(path: str | Path, model, optimizer) -> dict:
             f"{path}: cannot load this training checkpoint into the current model/optimizer ({type(exc).__name__}: "
             f"{exc}). It was written for another model config; start a new --output or drop --resume."
         ) from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTIONS)
     torch.set_rng_state(state["rng"])
     return json.loads(state["loop"])

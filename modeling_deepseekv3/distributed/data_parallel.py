@@ -50,11 +50,13 @@ class DataParallelError(ValueError):
 
 @dataclass
 class Layout:
-    """Where this process sits: ``dp`` ranks of data parallelism, this one ``rank``; ``mesh`` is None alone."""
+    """Where this process sits: ``dp`` ranks of data parallelism or ``pp`` pipeline ranks, this one ``rank``;
+    ``mesh`` is None alone."""
 
     dp: int = 1
     rank: int = 0
     mesh: object | None = None
+    pp: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -77,25 +79,34 @@ class Layout:
         return box[0]
 
 
-def init_layout(dp: int | None) -> Layout:
+def init_layout(dp: int | None, pp: int | None = None) -> Layout:
     """Start (or join) the process group torchrun set up and check the requested layout against it.
 
-    ``dp=None`` takes the world size. Raises :class:`DataParallelError` naming the fix -- on every rank, before
-    any work -- for ``--dp N > 1`` outside torchrun and for a world size that ``--dp`` does not account for."""
+    ``dp=None`` takes the world size (or what ``pp`` leaves). Raises :class:`DataParallelError` naming the fix --
+    on every rank, before any work -- for a layout outside torchrun and for a world size it does not account for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dp is not None and dp < 1:
-        raise DataParallelError(f"--dp must be >= 1, got {dp}.")
+    pp = pp or 1
+    for flag, value in (("--dp", dp), ("--pp", pp)):
+        if value is not None and value < 1:
+            raise DataParallelError(f"{flag} must be >= 1, got {value}.")
     if world == 1:
-        if dp not in (None, 1):
+        if dp not in (None, 1) or pp > 1:
+            n = max(dp or 1, pp)
+            flag = f"--pp {pp}" if pp > 1 else f"--dp {dp}"
             raise DataParallelError(
-                f"--dp {dp} needs {dp} processes: run under torchrun, e.g. `torchrun --nproc-per-node {dp} -m "
-                f"modeling_deepseekv3 pretrain ... --dp {dp}`."
+                f"{flag} needs {n} processes: run under torchrun, e.g. `torchrun --nproc-per-node {n} -m "
+                f"modeling_deepseekv3 pretrain ... {flag}`."
             )
         return Layout()
-    if dp is not None and dp != world:
+    if pp > 1 and dp not in (None, 1):
+        raise DataParallelError(f"--pp {pp} with --dp {dp}: pipeline and data parallelism together are not "
+                                "implemented yet; use one of them.")
+    if pp > 1 and pp != world:
+        raise DataParallelError(f"--pp {pp} does not match the world size {world} torchrun started.")
+    if pp == 1 and dp is not None and dp != world:
         raise DataParallelError(
-            f"--dp {dp} does not match the world size {world} torchrun started (data parallelism is the only "
-            f"layout so far: --dp must equal --nproc-per-node x nodes, or be left out)."
+            f"--dp {dp} does not match the world size {world} torchrun started (--dp must equal --nproc-per-node "
+            "x nodes, or be left out)."
         )
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -104,6 +115,8 @@ def init_layout(dp: int | None) -> Layout:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if pp > 1:
+        return Layout(dp=1, pp=pp, rank=dist.get_rank(), mesh=init_device_mesh(device, (world,), mesh_dim_names=("pp",)))
     mesh = init_device_mesh(device, (world,), mesh_dim_names=("dp",))
     return Layout(dp=world, rank=dist.get_rank(), mesh=mesh)
 
@@ -132,7 +145,7 @@ def _touch_idle_experts(module, args, output):
 def apply_data_parallel(model, layout: Layout):
     """Shard ``model`` over ``layout``'s ranks with FSDP2: one unit per main decoder layer, then the root. The
     model must already hold its initial weights (the same on every rank: same seed). Returns the model."""
-    if not layout.distributed:
+    if layout.dp == 1:
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -148,7 +161,7 @@ def apply_data_parallel(model, layout: Layout):
 def all_reduce_expert_load(model, layout: Layout) -> None:
     """Sum the counted expert loads over the ranks, in place, so every rank's bias update sees the global
     batch (and all ranks' router biases stay identical)."""
-    if not layout.distributed:
+    if layout.dp == 1:  # (a pipeline rank counts only its own layers: nothing to sum)
         return
     from ..training.balance import _tracker
 
@@ -161,7 +174,7 @@ def all_reduce_expert_load(model, layout: Layout) -> None:
 
 def mean_over_ranks(values: dict[str, float], layout: Layout) -> dict[str, float]:
     """The mean of each value over the ranks (the global-batch figure a single process would log)."""
-    if not layout.distributed or not values:
+    if layout.dp == 1 or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)

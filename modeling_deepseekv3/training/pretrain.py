@@ -17,7 +17,8 @@ Determinism: the same command and seed give the same losses; ``--resume`` contin
 last checkpoint (model, optimizer, data position, RNG, statistics) with the same layout, and within float
 rounding with another one (checkpoints are DCP, resharded on load). Under ``torchrun`` with ``--dp N`` the
 same loop runs data-parallel (``distributed/data_parallel.py``): each rank takes its slice of every global
-batch, and what a single process would log is what rank 0 logs.
+batch; with ``--pp N`` pipeline-parallel in a V (``distributed/pipeline.py``). What a single process would log
+is what rank 0 logs.
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ class PretrainArgs:
     log_json: str | None = None
     threads: int | None = None
     dp: int | None = None
+    pp: int | None = None
+    pp_schedule: str = "dualpipev"
     progress: bool = True
     export: bool = True
 
     def identity(self) -> dict:
         """What a resumed run must share with the one it continues: everything but step counts, I/O and the
-        layout (``--micro-batch-size``, ``--dp``, ``--threads``: another layout continues the same run, equal
+        layout (``--micro-batch-size``, ``--dp``, ``--pp``, ``--threads``: another layout continues the same run, equal
         within float rounding; the same layout continues it bit for bit)."""
         keep = ("seq_len", "global_batch_size", "lr", "warmup_steps", "min_lr_ratio",
                 "weight_decay", "grad_clip", "seed", "fp8", "adam_moments", "mtp_weight", "balance_alpha", "bias_update_rate")
@@ -232,8 +235,9 @@ def pretrain(args: PretrainArgs) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    layout = init_layout(args.dp)
-    micro = args.micro_batch_size or args.global_batch_size // layout.dp
+    layout = init_layout(args.dp, args.pp)
+    default_micro = args.global_batch_size // (2 * layout.pp if layout.pp > 1 else layout.dp)
+    micro = args.micro_batch_size or default_micro
     if micro < 1 or args.global_batch_size % (micro * layout.dp):
         raise PretrainError(
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro} x "
@@ -277,6 +281,12 @@ def pretrain(args: PretrainArgs) -> dict:
 
         convert_to_fp8_training(model)
     apply_data_parallel(model, layout)  # no-op alone; FSDP2 units per decoder layer under torchrun --dp N
+    pipeline = None
+    if layout.pp > 1:  # V-placed stages of torch.distributed.pipelining; this rank keeps only its layers
+        from ..distributed.pipeline import PipelineTrainer
+
+        pipeline = PipelineTrainer(model, layout, args.pp_schedule, args.global_batch_size // micro, args.mtp_weight,
+                                   (micro, args.seq_len))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -325,30 +335,40 @@ def pretrain(args: PretrainArgs) -> dict:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        for _ in range(n_micro):
-            # every rank draws the same windows and keeps its slice: the step sees the single process's batch
-            batch = sampler.next_batch(micro * layout.dp)[mine]  # (B, seq_len + 1)
-            # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
-            out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
-            (out_.loss / n_micro).backward()
-            parts["loss"] += float(out_.loss.detach()) / n_micro
-            parts["lm_loss"] += float(out_.lm_loss.detach()) / n_micro
-            parts["mtp_loss"] += float(out_.mtp_loss.detach()) / n_micro if out_.mtp_loss is not None else 0.0
-            parts["balance_loss"] += float(out_.aux_loss.detach()) / n_micro if out_.aux_loss is not None else 0.0
-        parts = mean_over_ranks(parts, layout)
+        if pipeline is not None:  # the same windows, in micro-batches through the stages
+            parts = pipeline.train_step(sampler.next_batch(args.global_batch_size))
+        else:
+            parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            for _ in range(n_micro):
+                # every rank draws the same windows and keeps its slice: the step sees the single process's batch
+                batch = sampler.next_batch(micro * layout.dp)[mine]  # (B, seq_len + 1)
+                # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
+                out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
+                (out_.loss / n_micro).backward()
+                parts["loss"] += float(out_.loss.detach()) / n_micro
+                parts["lm_loss"] += float(out_.lm_loss.detach()) / n_micro
+                parts["mtp_loss"] += float(out_.mtp_loss.detach()) / n_micro if out_.mtp_loss is not None else 0.0
+                parts["balance_loss"] += float(out_.aux_loss.detach()) / n_micro if out_.aux_loss is not None else 0.0
+            parts = mean_over_ranks(parts, layout)
         if not math.isfinite(parts["loss"]):
             last = latest_checkpoint(ckpt_root)
             raise PretrainError(
                 f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
                 f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if pipeline is not None:
+            grad_norm = pipeline.clip_grad_norm(args.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         all_reduce_expert_load(model, layout)
         imbalance = update_routing_bias(model, args.bias_update_rate)
+        if pipeline is not None:  # each rank updated its own layers; the log shows all of them
+            from ..distributed.pipeline import merge_over_ranks
+
+            imbalance = merge_over_ranks(imbalance)
         step += 1
         tokens_seen += args.global_batch_size * args.seq_len
         now = time.perf_counter()
@@ -358,8 +378,12 @@ def pretrain(args: PretrainArgs) -> dict:
                   "expert_load_imbalance": round(sum(imbalance.values()) / len(imbalance), 4) if imbalance else None}
         t_last = now
         if eval_w is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            record.update({k: round(v, 6) if isinstance(v, float) else v
-                           for k, v in evaluate(model, eval_w, byte_len, micro).items()})
+            if pipeline is None:
+                figures = evaluate(model, eval_w, byte_len, micro)
+            else:  # gathered on rank 0 and evaluated there, the others wait for the figures
+                plain = _gather_plain_model(model, layout, config)
+                figures = layout.broadcast(evaluate(plain, eval_w, byte_len, micro) if layout.is_main else None)
+            record.update({k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()})
         history.append({k: record[k] for k in ("step", "loss", "lm_loss", "mtp_loss") if k in record}
                        | ({"eval_loss": record["eval_loss"], "eval_bits_per_byte": record["eval_bits_per_byte"]}
                           if "eval_loss" in record else {}))
@@ -372,7 +396,7 @@ def pretrain(args: PretrainArgs) -> dict:
     save(step)
     summary = {"steps": step, "tokens": tokens_seen, "final": history[-1] if history else {},
                "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None,
-               "data_parallel": layout.dp}
+               "data_parallel": layout.dp, "pipeline_parallel": layout.pp}
     plain = _gather_plain_model(model, layout, config) if args.export else None  # collective under --dp
     if layout.is_main:
         if args.export:
@@ -388,12 +412,17 @@ def pretrain(args: PretrainArgs) -> dict:
 
 def _gather_plain_model(model, layout, config):
     """The trained model as one unsharded module on rank 0 (the model itself when alone; None elsewhere)."""
-    if not layout.distributed:
+    if layout.dp == 1 and layout.pp == 1:
         return model
     from ..distributed.data_parallel import full_state_dict
     from ..modeling import DeepseekV3ForCausalLM
 
-    full = full_state_dict(model, layout)
+    if layout.pp > 1:
+        from ..distributed.pipeline import gather_state_dict
+
+        full = gather_state_dict(model, layout)
+    else:
+        full = full_state_dict(model, layout)
     if full is None:  # not rank 0
         return None
     plain = DeepseekV3ForCausalLM(config)

@@ -180,3 +180,73 @@ def test_a_dead_rank_stops_the_run_and_the_last_checkpoint_resumes(texts, tmp_pa
                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in log(out)][-3:] == [step + 1, step + 2, step + 3]
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """The tiny preset with 4 decoder layers: 2 pipeline ranks x 2 stages each in the V."""
+    from importlib.resources import files
+
+    cfg = json.loads((files("modeling_deepseekv3.training") / "presets" / "tiny.json").read_text())
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    path.write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
+    return path
+
+
+def pp_run(texts, out, config, *extra, ranks=1):
+    """``pretrain`` on the 4-layer config with 4 micro-batches of 2 (the last --model-config wins)."""
+    return pretrain(texts, out, "--model-config", str(config), "--micro-batch-size", "2", *extra, ranks=ranks)
+
+
+@pytest.fixture(scope="module")
+def pp_runs(texts, four_layers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    pp_run(texts, root / "single", four_layers)
+    for schedule in ("dualpipev", "zbv"):
+        pp_run(texts, root / schedule, four_layers, "--pp", "2", "--pp-schedule", schedule, ranks=2)
+    return root
+
+
+@pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
+def test_pp2_equals_the_single_process_run(pp_runs, schedule):
+    """torch.distributed.pipelining with V placement (4 stages on 2 ranks, 4 micro-batches): the same losses (MTP on
+    the last stage, balance losses injected where their layers run), gradient norms, expert loads and evaluation."""
+    single, piped = log(pp_runs / "single"), log(pp_runs / schedule)
+    assert_same_run(single, piped)
+    a, b = weights(pp_runs / "single"), weights(pp_runs / schedule)
+    assert a.keys() == b.keys()  # every rank saved its own layers under the single-process names
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert json.loads((pp_runs / schedule / "summary.json").read_text())["pipeline_parallel"] == 2
+    exported, reference = load(pp_runs / schedule / "bf16"), load(pp_runs / "single" / "bf16")
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("first,then", [("dualpipev", 1), (1, "dualpipev")])
+def test_pp_resumes_across_layouts(pp_runs, texts, four_layers, tmp_path, first, then):
+    import shutil
+
+    src = pp_runs / (first if first != 1 else "single")
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("step-0000006", "bf16", "fp8", "final.pt"))
+    extra = ["--pp", "2"] if then != 1 else []
+    pp_run(texts, out, four_layers, "--resume", "--no-export", *extra, ranks=2 if then != 1 else 1)
+    assert_same_run(log(pp_runs / "single"), log(out))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--pp-schedule", "zbv", "--micro-batch-size", "4"], "needs at least 4 micro-batches"),
+    (["--dp", "2"], "pipeline and data parallelism together are not implemented"),
+])
+def test_bad_pipeline_layouts_are_refused(texts, four_layers, tmp_path, extra, match):
+    proc = pretrain(texts, tmp_path / "x", "--model-config", str(four_layers), "--pp", "2", *extra, ranks=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count(match) == 2, proc.stderr[-2000:]  # every rank says so
+
+
+def test_pipeline_needs_enough_layers_and_a_v_schedule(texts, tmp_path):
+    proc = pretrain(texts, tmp_path / "x", "--pp", "2", ranks=2, check=False)  # the 2-layer tiny preset
+    assert proc.returncode != 0 and "cannot fill 4 stages" in proc.stderr
+    proc = pretrain(texts, tmp_path / "y", "--pp", "2", check=False)  # not under torchrun
+    assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
