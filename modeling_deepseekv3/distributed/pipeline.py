@@ -135,7 +135,9 @@ class PipelineTrainer:
             for i in range(n_layers, len(model.model.layers)):  # the MTP layer(s) live with the last stage
                 model.model.layers[i] = nn.Identity()
             model.model.embed_tokens, model.model.norm, model.lm_head = nn.Identity(), nn.Identity(), nn.Identity()
-        for experts in (m for m in model.modules() if type(m).__name__ == "RoutedExperts"):
+        from ..moe.experts import RoutedExperts
+
+        for experts in (m for m in model.modules() if isinstance(m, RoutedExperts)):
             experts.grouped = False  # training only; no re-homing of weights shared with the stage views
         self._parts = {"lm_loss": 0.0, "mtp_loss": 0.0}
         device = torch.device("cpu")
