@@ -4,6 +4,8 @@ MtpModel; every conflict is a clear error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -172,3 +174,38 @@ def test_conflicts_are_clear_errors(tiny_fp8, tiny_bf16_direct_q):
     with pytest.raises(ValueError, match="use_cache=False"):
         model.generate(ids, use_mtp=True, use_cache=False, max_new_tokens=3)
     assert model.generate(ids, use_mtp=False, max_new_tokens=3).shape == (1, 8)  # off means plain decoding
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "shakespeare-deepseek-v3"
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model in this checkout")
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_parity_on_the_shipped_model(k):
+    """The trained model (real drafts, most accepted): batch 1 and a left-padded batch of 4, FP8 weights."""
+    model = load(SHIPPED)
+    tok = ds.load_tokenizer(SHIPPED)
+    tok.padding_side = "left"
+    text = ["KING HENRY.\nNow, lords,", "LADY MACBETH.\nOut, damned spot! out, I say!", "HAMLET.\nTo be", "ROMEO.\n"]
+    for prompts in (text[:1], text):
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": tok.pad_token_id}
+        plain = model.generate(**enc, **kw)
+        out = model.generate(**enc, **kw, use_mtp=True, num_speculative_tokens=k, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, plain)
+        assert out.mtp_stats.tokens_per_forward > 1.2  # the trained MTP layer's drafts are mostly accepted
+
+
+def test_experts_offloaded_to_cpu_and_disk(tiny_fp8):
+    """Routed experts placed by the planner in CPU RAM and on disk (read from the shards inside their forward):
+    MTP decoding still gives the plain greedy tokens."""
+    from modeling_deepseekv3.placement import placement_units
+
+    reference = load(tiny_fp8)
+    budget = int(sum(placement_units(reference.config, torch.float32).values()) * 0.6)
+    device_map = ds.plan_device_map(tiny_fp8, {"cpu": budget, "disk": "1GiB"}, dtype=torch.float32)
+    assert "disk" in device_map.values()
+    model = load(tiny_fp8, device_map=device_map)
+    ids = input_ids(1, 8)
+    plain = reference.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, use_mtp=True), plain)
