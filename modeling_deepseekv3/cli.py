@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
+from .configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS, PIPELINE_SCHEDULES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 
@@ -271,9 +271,13 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel ranks (FSDP2); run under torchrun --nproc-per-node N (default: its world size)")
     p.add_argument("--pp", type=int, default=None,
-                   help="pipeline-parallel ranks (torch.distributed.pipelining, V placement); run under torchrun")
-    p.add_argument("--pp-schedule", choices=("dualpipev", "zbv"), default="dualpipev",
-                   help="pipeline schedule (V placement: the embedding, head and MTP layer stay on rank 0)")
+                   help="pipeline-parallel ranks (torch.distributed.pipelining); run under torchrun")
+    p.add_argument("--pp-schedule", choices=tuple(PIPELINE_SCHEDULES), default="dualpipev",
+                   help="pipeline schedule: dualpipev/zbv place two stages per rank in a V (embedding, head and MTP "
+                        "layer on rank 0); gpipe/1f1b one per rank, interleaved1f1b two, looped")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel ranks: they split every batch and the routed experts (all-to-all "
+                        "dispatch); with --pp, per pipeline position (world size = pp x ep)")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the BF16/FP8 exports")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
 

@@ -37,6 +37,9 @@ __all__ = [
 FP8_COMPUTE_MODES = ("auto", "dequant")
 MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
 LATENT_CACHE_FORMATS = ("auto", "fp8", "fp8_plain")
+# ``pretrain --pp-schedule``: schedule -> placement of its stages (``distributed/pipeline.py``): "v" two per rank in
+# a V, "single" one per rank, "loop" two per rank, looped
+PIPELINE_SCHEDULES = {"dualpipev": "v", "zbv": "v", "gpipe": "single", "1f1b": "single", "interleaved1f1b": "loop"}
 
 _SUPPORTED_SCORING = ("sigmoid",)
 _SUPPORTED_TOPK = ("noaux_tc",)

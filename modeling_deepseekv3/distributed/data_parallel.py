@@ -50,13 +50,39 @@ class DataParallelError(ValueError):
 
 @dataclass
 class Layout:
-    """Where this process sits: ``dp`` ranks of data parallelism or ``pp`` pipeline ranks, this one ``rank``;
-    ``mesh`` is None alone."""
+    """Where this process sits in a ``pp x data`` grid of ranks.
+
+    ``data`` ranks each take a slice of every global batch: FSDP2-sharded (``dp``) or, with ``ep`` > 1, holding
+    the dense weights whole and a share of the routed experts (expert parallelism). ``pp`` pipeline ranks hold
+    consecutive stages. The grid is ``mesh`` (dims ``("pp", "data")``, row-major: ``rank = pp_rank x data +
+    data_rank``); None alone."""
 
     dp: int = 1
     rank: int = 0
     mesh: object | None = None
     pp: int = 1
+    ep: int = 1
+
+    @property
+    def data(self) -> int:
+        """Ranks that share one pipeline position and split the batch between them."""
+        return self.ep if self.ep > 1 else self.dp
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank % self.data
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.data
+
+    @property
+    def data_group(self):
+        return self.mesh.get_group("data") if self.mesh is not None else None
+
+    @property
+    def pp_group(self):
+        return self.mesh.get_group("pp") if self.mesh is not None else None
 
     @property
     def is_main(self) -> bool:
@@ -79,34 +105,44 @@ class Layout:
         return box[0]
 
 
-def init_layout(dp: int | None, pp: int | None = None) -> Layout:
+def init_layout(dp: int | None, pp: int | None = None, ep: int | None = None) -> Layout:
     """Start (or join) the process group torchrun set up and check the requested layout against it.
 
-    ``dp=None`` takes the world size (or what ``pp`` leaves). Raises :class:`DataParallelError` naming the fix --
-    on every rank, before any work -- for a layout outside torchrun and for a world size it does not account for."""
+    ``dp=None`` takes what ``pp`` x ``ep`` leave of the world size. Raises :class:`DataParallelError` naming the
+    fix -- on every rank, before any work -- for a layout outside torchrun and for a world size it does not
+    account for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    pp = pp or 1
-    for flag, value in (("--dp", dp), ("--pp", pp)):
+    pp, ep = pp or 1, ep or 1
+    for flag, value in (("--dp", dp), ("--pp", pp), ("--ep", ep)):
         if value is not None and value < 1:
             raise DataParallelError(f"{flag} must be >= 1, got {value}.")
+    flags = " ".join(f"{f} {v}" for f, v in (("--pp", pp), ("--ep", ep), ("--dp", dp)) if v not in (None, 1))
     if world == 1:
-        if dp not in (None, 1) or pp > 1:
-            n = max(dp or 1, pp)
-            flag = f"--pp {pp}" if pp > 1 else f"--dp {dp}"
+        if flags:
+            n = pp * ep * (dp or 1)
             raise DataParallelError(
-                f"{flag} needs {n} processes: run under torchrun, e.g. `torchrun --nproc-per-node {n} -m "
-                f"modeling_deepseekv3 pretrain ... {flag}`."
+                f"{flags} needs {n} processes: run under torchrun, e.g. `torchrun --nproc-per-node {n} -m "
+                f"modeling_deepseekv3 pretrain ... {flags}`."
             )
         return Layout()
-    if pp > 1 and dp not in (None, 1):
-        raise DataParallelError(f"--pp {pp} with --dp {dp}: pipeline and data parallelism together are not "
-                                "implemented yet; use one of them.")
-    if pp > 1 and pp != world:
-        raise DataParallelError(f"--pp {pp} does not match the world size {world} torchrun started.")
-    if pp == 1 and dp is not None and dp != world:
+    if ep > 1 and dp not in (None, 1):
         raise DataParallelError(
-            f"--dp {dp} does not match the world size {world} torchrun started (--dp must equal --nproc-per-node "
-            "x nodes, or be left out)."
+            f"--ep {ep} with --dp {dp}: FSDP over expert-parallel ranks is not implemented yet. With --ep N the N "
+            "ranks already split every batch (data parallel for the dense weights); leave --dp out."
+        )
+    if pp > 1 and dp not in (None, 1):
+        raise DataParallelError(f"--pp {pp} with --dp {dp}: pipeline and data parallelism (FSDP) together are not "
+                                "implemented yet; use --pp with --ep, or one of them.")
+    data = ep if ep > 1 else (dp if dp is not None else world // pp)
+    if pp * data != world:
+        if pp == 1 and ep == 1:
+            raise DataParallelError(
+                f"--dp {dp} does not match the world size {world} torchrun started (--dp must equal "
+                "--nproc-per-node x nodes, or be left out)."
+            )
+        raise DataParallelError(
+            f"{flags} needs {pp * data} processes (--pp x --ep), but torchrun started {world}; make "
+            "--nproc-per-node x nodes equal the product."
         )
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -115,10 +151,8 @@ def init_layout(dp: int | None, pp: int | None = None) -> Layout:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if pp > 1:
-        return Layout(dp=1, pp=pp, rank=dist.get_rank(), mesh=init_device_mesh(device, (world,), mesh_dim_names=("pp",)))
-    mesh = init_device_mesh(device, (world,), mesh_dim_names=("dp",))
-    return Layout(dp=world, rank=dist.get_rank(), mesh=mesh)
+    mesh = init_device_mesh(device, (pp, data), mesh_dim_names=("pp", "data"))
+    return Layout(dp=1 if ep > 1 else data, pp=pp, ep=ep, rank=dist.get_rank(), mesh=mesh)
 
 
 def _experts_modules(model):
@@ -152,16 +186,17 @@ def apply_data_parallel(model, layout: Layout):
     for experts in _experts_modules(model):
         experts.grouped = False  # FSDP owns the weights' storage: no re-homing into stacked buffers
         experts.register_forward_hook(_touch_idle_experts)
+    mesh = layout.mesh["data"]
     for layer in model.model.layers[: model.config.num_hidden_layers]:
-        fully_shard(layer, mesh=layout.mesh)
-    fully_shard(model, mesh=layout.mesh)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
 def all_reduce_expert_load(model, layout: Layout) -> None:
     """Sum the counted expert loads over the ranks, in place, so every rank's bias update sees the global
     batch (and all ranks' router biases stay identical)."""
-    if layout.dp == 1:  # (a pipeline rank counts only its own layers: nothing to sum)
+    if layout.data == 1:  # (a pipeline rank counts only its own layers: nothing to sum over pipeline ranks)
         return
     from ..training.balance import _tracker
 
@@ -169,17 +204,17 @@ def all_reduce_expert_load(model, layout: Layout) -> None:
     if tracker is None:
         return
     for name in sorted(tracker.counts):  # same order on every rank
-        dist.all_reduce(tracker.counts[name])
+        dist.all_reduce(tracker.counts[name], group=layout.data_group)
 
 
 def mean_over_ranks(values: dict[str, float], layout: Layout) -> dict[str, float]:
-    """The mean of each value over the ranks (the global-batch figure a single process would log)."""
-    if layout.dp == 1 or not values:
+    """The mean of each value over the data ranks (the global-batch figure a single process would log)."""
+    if layout.data == 1 or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / layout.dp for k, v in zip(keys, t.tolist())}
+    dist.all_reduce(t, group=layout.data_group)
+    return {k: float(v) / layout.data for k, v in zip(keys, t.tolist())}
 
 
 def full_state_dict(model, layout: Layout) -> dict | None:

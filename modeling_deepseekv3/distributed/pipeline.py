@@ -1,10 +1,15 @@
-"""Pipeline parallelism for training with ``torch.distributed.pipelining``: ``pretrain --pp N --pp-schedule dualpipev``.
+"""Pipeline parallelism for training with ``torch.distributed.pipelining``: ``pretrain --pp N --pp-schedule S``.
 
-V placement only (``dualpipev``: ``ScheduleDualPipeV``; ``zbv``: ``ScheduleZBVZeroBubble``): the model is cut into
-``2 N`` stages of consecutive decoder layers and rank r holds stages r and 2N-1-r, so stage 0 (embedding) and
-the last stage (final norm, head, MTP layer) share rank 0 -- the MTP layer's embedding and head, tied to the
-main ones, need no cross-rank synchronisation. (Schedules with one stage per rank would put them on two ranks;
-they are refused until that sync exists.)
+Schedules (``SCHEDULES``) and where they put the ``stages`` (consecutive decoder layers; stage 0 also embeds,
+the last also normalizes and holds the head and the MTP layer):
+
+* V placement, ``2 N`` stages, rank r holds stages r and 2N-1-r: ``dualpipev`` (``ScheduleDualPipeV``) and
+  ``zbv`` (``ScheduleZBVZeroBubble``). Stage 0 and the last stage share rank 0, so the MTP layer's embedding
+  and head -- the main ones, shared -- live on one rank.
+* one stage per rank, ``N`` stages: ``gpipe``, ``1f1b``; looped, ``2 N`` stages, rank r holds r and r + N:
+  ``interleaved1f1b``. The last stage then sits on rank N-1, whose MTP layer needs the embedding too: that rank
+  keeps a replica, and after every backward the two ranks sum its gradient (one all-reduce between them:
+  Megatron's embedding group), so both copies take the same optimizer steps and stay equal.
 
 What crosses a stage boundary is one tensor, ``[micro-batch, S, D]``; RoPE is rebuilt in each stage from the
 positions, the causal mask is implicit (packed sequences and padding are not used by ``pretrain``). DeepSeek's
@@ -13,13 +18,22 @@ other losses:
 * the sequence-wise balance loss of a MoE layer is computed where the layer runs and enters backward through
   :class:`_AuxLossGradient` (an identity on the hidden states whose backward also seeds the aux loss: the
   Megatron pattern), so it trains the routers of every stage without travelling to the last one;
-* the MTP loss runs in the last stage's loss function, which holds the token window (rank 0 has the data);
+* the MTP loss runs in the last stage's loss function, which holds the token window (rank 0 feeds the data);
 * the aux-loss-free bias update counts, on each rank, the tokens of all micro-batches for its own layers.
 
 Each rank keeps the full model object with the layers it does not hold replaced by ``nn.Identity``: parameter
 names (checkpoint names, DCP keys, optimizer state keys) are the single-process ones, so checkpoints resume on
 any layout. Gradients are averaged over micro-batches once per parameter (the embedding is shared by two stages
-on rank 0) and clipped by the norm over all ranks, as one process would.
+on rank 0 under V placement) and clipped by the norm over all ranks, each parameter counted once, as one
+process would.
+
+With ``--ep`` the ranks form a ``pp x ep`` grid: each pipeline (a column of the grid) takes 1/ep of the batch,
+and the ranks of one pipeline position shard the routed experts of their layers between them
+(:mod:`.expert_parallel`); every pipeline runs the same schedule, so the all-to-alls of one position pair up in
+order.
+
+``timeline=True`` records every compute action (forward, backward, weight-gradient chunk) with its start and
+end, for ``benchmarks/pipeline.py``'s measured bubbles.
 """
 
 from __future__ import annotations
@@ -30,9 +44,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["V_SCHEDULES", "PipelineError", "PipelineTrainer", "gather_state_dict", "merge_over_ranks"]
+from ..configuration import PIPELINE_SCHEDULES
 
-V_SCHEDULES = ("dualpipev", "zbv")
+__all__ = [
+    "SCHEDULES",
+    "PipelineError",
+    "PipelineTrainer",
+    "clip_grad_norm_over_ranks",
+    "gather_state_dict",
+    "merge_over_ranks",
+    "num_stages",
+    "stage_ids",
+]
+
+SCHEDULES = PIPELINE_SCHEDULES  # schedule -> placement of the stages (module docstring)
+
+
+def stage_ids(schedule: str, pp: int, pp_rank: int) -> tuple[int, ...]:
+    """The stages pipeline rank ``pp_rank`` holds under ``schedule`` (``SCHEDULES``)."""
+    kind = SCHEDULES[schedule]
+    if kind == "single":
+        return (pp_rank,)
+    if kind == "loop":
+        return (pp_rank, pp_rank + pp)
+    return (pp_rank, 2 * pp - 1 - pp_rank)
+
+
+def num_stages(schedule: str, pp: int) -> int:
+    return pp if SCHEDULES[schedule] == "single" else 2 * pp
 
 
 class PipelineError(ValueError):
@@ -99,42 +138,53 @@ class _Stage(nn.Module):
 
 
 class PipelineTrainer:
-    """The V-placed stages of this rank, their schedule, and what a training step needs around it."""
+    """This rank's stages, their schedule, and what a training step needs around it."""
 
-    def __init__(self, model, layout, schedule: str, micro_batches: int, mtp_weight: float, micro_batch_shape):
+    def __init__(self, model, layout, schedule: str, micro_batches: int, mtp_weight: float, micro_batch_shape,
+                 timeline: bool = False):
+        from torch.distributed import pipelining
         from torch.distributed.pipelining import PipelineStage
-        from torch.distributed.pipelining.schedules import ScheduleDualPipeV, ScheduleZBVZeroBubble
 
-        pp, rank = layout.pp, layout.rank
-        if schedule not in V_SCHEDULES:
-            raise PipelineError(
-                f"--pp-schedule {schedule}: only the V schedules ({', '.join(V_SCHEDULES)}) are implemented. They keep "
-                "the embedding, head and MTP layer (which share weights) on rank 0; one-stage-per-rank schedules "
-                "would need a cross-rank sync of those weights."
-            )
-        stages = 2 * pp
+        if schedule not in SCHEDULES:
+            raise PipelineError(f"--pp-schedule {schedule}: choose one of {', '.join(SCHEDULES)}.")
+        pp, pp_rank = layout.pp, layout.pp_rank
+        stages = num_stages(schedule, pp)
         n_layers = model.config.num_hidden_layers
         if n_layers < stages:
-            raise PipelineError(f"{n_layers} decoder layers cannot fill {stages} stages (--pp {pp} x 2 for the V); "
-                                "lower --pp.")
+            raise PipelineError(f"{n_layers} decoder layers cannot fill the {stages} stages of --pp {pp} "
+                                f"--pp-schedule {schedule}; lower --pp (or choose a one-stage-per-rank schedule).")
         if micro_batches < stages:
             raise PipelineError(f"{schedule} needs at least {stages} micro-batches per step (one per stage), got "
                                 f"{micro_batches}; lower --micro-batch-size or raise --global-batch-size.")
         base, extra = divmod(n_layers, stages)
         sizes = [base + (1 if s < extra else 0) for s in range(stages)]
         bounds = [sum(sizes[:s]) for s in range(stages + 1)]
-        mine = (rank, stages - 1 - rank)
+        mine = stage_ids(schedule, pp, pp_rank)
+        first, last = 0 in mine, stages - 1 in mine
+        last_rank = next(r for r in range(pp) if stages - 1 in stage_ids(schedule, pp, r))
         keep = {i for s in mine for i in range(bounds[s], bounds[s + 1])}
         self.model, self.layout, self.micro_batches, self.mtp_weight = model, layout, micro_batches, mtp_weight
-        self.stage_modules = [_Stage(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == stages - 1) for s in mine]
+        self.stage_modules = [_Stage(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == stages - 1)
+                              for s in mine]
+        has_mtp = bool(model.model.mtp_layers)
+        # the MTP layer on another rank than the embedding: a replica there, its gradient summed between the two
+        self._embedding_group = None
+        self._embedding_replica = has_mtp and last_rank != 0 and last
+        if has_mtp and last_rank != 0:
+            d, data = layout.data_rank, layout.data
+            groups = [dist.new_group([c, (last_rank * data) + c]) for c in range(data)]  # collective: every rank
+            if first or last:
+                self._embedding_group = groups[d]
         # drop what this rank does not hold; names of what it holds stay the single-process ones
         for i in range(n_layers):
             if i not in keep:
                 model.model.layers[i] = nn.Identity()
-        if rank != 0:
+        if not last:
             for i in range(n_layers, len(model.model.layers)):  # the MTP layer(s) live with the last stage
                 model.model.layers[i] = nn.Identity()
-            model.model.embed_tokens, model.model.norm, model.lm_head = nn.Identity(), nn.Identity(), nn.Identity()
+            model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+        if not (first or self._embedding_replica):
+            model.model.embed_tokens = nn.Identity()
         from ..moe.experts import RoutedExperts
 
         for experts in (m for m in model.modules() if isinstance(m, RoutedExperts)):
@@ -148,13 +198,22 @@ class PipelineTrainer:
         # (requires_grad: static metadata copies it, and activations between stages carry gradients)
         hidden = torch.empty(mb, seq, model.config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
         ids = torch.empty(mb, seq, dtype=torch.long, device="meta")
-        pipe_stages = [PipelineStage(m, s, stages, device, input_args=(ids if s == 0 else hidden,), output_args=(hidden,))
+        pipe_stages = [PipelineStage(m, s, stages, device, input_args=(ids if s == 0 else hidden,),
+                                     output_args=(hidden,), group=layout.pp_group)
                        for m, s in zip(self.stage_modules, mine)]
-        cls = ScheduleDualPipeV if schedule == "dualpipev" else ScheduleZBVZeroBubble
-        self.schedule = cls(pipe_stages, n_microbatches=micro_batches, loss_fn=self._loss, scale_grads=False)
+        self.timeline: list[tuple[str, int, float, float]] | None = [] if timeline else None
+        if timeline:
+            for st in pipe_stages:
+                _record_actions(st, self.timeline)
+        cls = {"dualpipev": pipelining.schedules.ScheduleDualPipeV, "zbv": pipelining.schedules.ScheduleZBVZeroBubble,
+               "gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+               "interleaved1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
+        target = pipe_stages if SCHEDULES[schedule] != "single" else pipe_stages[0]
+        self.schedule = cls(target, n_microbatches=micro_batches, loss_fn=self._loss, scale_grads=False)
+        self._feeds, self._reads_targets = first, last
 
     def _loss(self, hidden, window):
-        """Last stage (rank 0): next-token CE + ``mtp_weight`` x MTP loss of one micro-batch, as one process."""
+        """Last stage: next-token CE + ``mtp_weight`` x MTP loss of one micro-batch, as one process."""
         from ..training import losses
 
         model = self.model
@@ -173,36 +232,73 @@ class PipelineTrainer:
         return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
 
     def train_step(self, windows: torch.Tensor) -> dict[str, float]:
-        """Forward + backward of one global batch ``[G, seq_len + 1]`` (every rank passes the same windows; rank 0
-        feeds them); gradients averaged over the micro-batches. Returns the loss parts as one process logs them."""
+        """Forward + backward of one global batch ``[G, seq_len + 1]`` (every rank passes the same windows; each
+        pipeline takes its 1/data share, its first stage feeds it, its last stage reads the targets); gradients
+        averaged over the micro-batches. Returns the loss parts as one process logs them."""
         for m in self.stage_modules:
             m.balance_total = 0.0
         self._parts = {"lm_loss": 0.0, "mtp_loss": 0.0}
-        if self.layout.rank == 0:
-            self.schedule.step(windows[:, :-1].contiguous(), target=windows.contiguous())
-        else:
-            self.schedule.step()
+        if self.timeline is not None:
+            self.timeline.clear()
+        data, d = self.layout.data, self.layout.data_rank
+        share = windows.shape[0] // data
+        windows = windows[d * share : (d + 1) * share].contiguous()
+        args = (windows[:, :-1].contiguous(),) if self._feeds else ()
+        self.schedule.step(*args, target=windows if self._reads_targets else None)
         for p in self._params():
             if p.grad is not None:
                 p.grad.div_(self.micro_batches)
+        if self._embedding_group is not None:  # the embedding's two copies: main use + MTP use
+            w = self.model.model.embed_tokens.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            dist.all_reduce(w.grad, group=self._embedding_group)
         t = torch.tensor([self._parts["lm_loss"], self._parts["mtp_loss"],
                           sum(m.balance_total for m in self.stage_modules)], dtype=torch.float64)
         dist.all_reduce(t)
-        lm, mtp, balance = (float(v) / self.micro_batches for v in t.tolist())
+        lm, mtp, balance = (float(v) / (self.micro_batches * data) for v in t.tolist())
         return {"loss": lm + self.mtp_weight * mtp + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance}
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """``clip_grad_norm_`` over the parameters of every rank (each parameter lives on exactly one)."""
-        grads = [p.grad for p in self._params() if p.grad is not None]
-        local = torch.stack([g.detach().float().norm() ** 2 for g in grads]).sum() if grads else torch.zeros(())
-        total = local.double().reshape(1)
-        dist.all_reduce(total)
-        norm = math.sqrt(float(total))
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-        return norm
+    def uncounted(self) -> set[int]:
+        """``id``s of parameters held here whose gradient norm another rank counts (the embedding replica)."""
+        if self._embedding_replica and self.layout.pp_rank != 0:
+            return {id(self.model.model.embed_tokens.weight)}
+        return set()
+
+
+def _record_actions(stage, timeline: list) -> None:
+    """Wrap a ``PipelineStage``'s compute entry points to append ``(action, stage, start, end)`` to ``timeline``
+    (``time.perf_counter`` seconds): F = forward, B = full or input backward, W = weight backward."""
+    import time
+
+    for name, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B"), ("backward_weight_one_chunk", "W")):
+        inner = getattr(stage, name)
+
+        def timed(*args, _inner=inner, _kind=kind, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                timeline.append((_kind, stage.stage_index, t0, time.perf_counter()))
+
+        setattr(stage, name, timed)
+
+
+def clip_grad_norm_over_ranks(params, max_norm: float, uncounted: set[int] = frozenset()) -> float:
+    """``clip_grad_norm_`` as one process holding every parameter would compute it: the squared norms of this
+    rank's gradients, minus those of ``uncounted`` (replicas another rank counts), summed over all ranks; then
+    every gradient here scaled by the same factor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    counted = [p.grad for p in params if p.grad is not None and id(p) not in uncounted]
+    local = torch.stack([g.detach().float().norm() ** 2 for g in counted]).sum() if counted else torch.zeros(())
+    total = local.double().reshape(1)
+    dist.all_reduce(total)
+    norm = math.sqrt(float(total))
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def gather_state_dict(model, layout) -> dict | None:

@@ -17,8 +17,9 @@ Determinism: the same command and seed give the same losses; ``--resume`` contin
 last checkpoint (model, optimizer, data position, RNG, statistics) with the same layout, and within float
 rounding with another one (checkpoints are DCP, resharded on load). Under ``torchrun`` with ``--dp N`` the
 same loop runs data-parallel (``distributed/data_parallel.py``): each rank takes its slice of every global
-batch; with ``--pp N`` pipeline-parallel in a V (``distributed/pipeline.py``). What a single process would log
-is what rank 0 logs.
+batch; with ``--ep N`` expert-parallel (``distributed/expert_parallel.py``: the ranks split the batch and
+the routed experts); with ``--pp N`` pipeline-parallel (``distributed/pipeline.py``), alone or with ``--ep``.
+What a single process would log is what rank 0 logs.
 """
 
 from __future__ import annotations
@@ -91,12 +92,13 @@ class PretrainArgs:
     dp: int | None = None
     pp: int | None = None
     pp_schedule: str = "dualpipev"
+    ep: int | None = None
     progress: bool = True
     export: bool = True
 
     def identity(self) -> dict:
         """What a resumed run must share with the one it continues: everything but step counts, I/O and the
-        layout (``--micro-batch-size``, ``--dp``, ``--pp``, ``--threads``: another layout continues the same run, equal
+        layout (``--micro-batch-size``, ``--dp``, ``--pp``, ``--ep``, ``--threads``: another layout continues the same run, equal
         within float rounding; the same layout continues it bit for bit)."""
         keep = ("seq_len", "global_batch_size", "lr", "warmup_steps", "min_lr_ratio",
                 "weight_decay", "grad_clip", "seed", "fp8", "adam_moments", "mtp_weight", "balance_alpha", "bias_update_rate")
@@ -235,13 +237,20 @@ def pretrain(args: PretrainArgs) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    layout = init_layout(args.dp, args.pp)
-    default_micro = args.global_batch_size // (2 * layout.pp if layout.pp > 1 else layout.dp)
-    micro = args.micro_batch_size or default_micro
-    if micro < 1 or args.global_batch_size % (micro * layout.dp):
+    layout = init_layout(args.dp, args.pp, args.ep)
+    stages = 1
+    if layout.pp > 1:
+        from ..distributed.pipeline import SCHEDULES, num_stages
+
+        if args.pp_schedule not in SCHEDULES:
+            raise PretrainError(f"--pp-schedule {args.pp_schedule}: choose one of {', '.join(SCHEDULES)}.")
+        stages = num_stages(args.pp_schedule, layout.pp)
+    micro = args.micro_batch_size or max(1, args.global_batch_size // (layout.data * stages))
+    if micro < 1 or args.global_batch_size % (micro * layout.data):
+        flag = f"--ep {layout.ep}" if layout.ep > 1 else f"--dp {layout.dp}"
         raise PretrainError(
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro} x "
-            f"--dp {layout.dp}: each optimizer step accumulates whole micro-batches on every rank."
+            f"{flag}: each optimizer step accumulates whole micro-batches on every rank."
         )
     if args.adam_moments not in ("fp32", "bf16"):
         raise PretrainError(f"--adam-moments must be fp32 or bf16, got {args.adam_moments!r}.")
@@ -281,12 +290,16 @@ def pretrain(args: PretrainArgs) -> dict:
 
         convert_to_fp8_training(model)
     apply_data_parallel(model, layout)  # no-op alone; FSDP2 units per decoder layer under torchrun --dp N
+    if layout.ep > 1:  # this rank keeps 1/ep of the routed experts; all-to-all dispatch in every MoE layer
+        from ..distributed.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, layout)
     pipeline = None
-    if layout.pp > 1:  # V-placed stages of torch.distributed.pipelining; this rank keeps only its layers
+    if layout.pp > 1:  # stages of torch.distributed.pipelining; this rank keeps only its layers
         from ..distributed.pipeline import PipelineTrainer
 
-        pipeline = PipelineTrainer(model, layout, args.pp_schedule, args.global_batch_size // micro, args.mtp_weight,
-                                   (micro, args.seq_len))
+        pipeline = PipelineTrainer(model, layout, args.pp_schedule, args.global_batch_size // (micro * layout.data),
+                                   args.mtp_weight, (micro, args.seq_len))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -328,8 +341,8 @@ def pretrain(args: PretrainArgs) -> dict:
 
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step",
                disable=not (args.progress and layout.is_main))
-    n_micro = args.global_batch_size // (micro * layout.dp)
-    mine = slice(layout.rank * micro, (layout.rank + 1) * micro)
+    n_micro = args.global_batch_size // (micro * layout.data)
+    mine = slice(layout.data_rank * micro, (layout.data_rank + 1) * micro)
     t_last = time.perf_counter()
     while step < args.steps:
         lr = lr_at(step, args)
@@ -341,7 +354,7 @@ def pretrain(args: PretrainArgs) -> dict:
             parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
             for _ in range(n_micro):
                 # every rank draws the same windows and keeps its slice: the step sees the single process's batch
-                batch = sampler.next_batch(micro * layout.dp)[mine]  # (B, seq_len + 1)
+                batch = sampler.next_batch(micro * layout.data)[mine]  # (B, seq_len + 1)
                 # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
                 out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
                 (out_.loss / n_micro).backward()
@@ -356,8 +369,19 @@ def pretrain(args: PretrainArgs) -> dict:
                 f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
                 f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
             )
-        if pipeline is not None:
-            grad_norm = pipeline.clip_grad_norm(args.grad_clip)
+        if layout.ep > 1:  # dense gradients averaged over the data ranks, the experts' scaled
+            from ..distributed.expert_parallel import expert_parameters, sync_gradients
+
+            sync_gradients(model, layout)
+        if pipeline is not None or layout.ep > 1:  # each parameter's norm counted once over all ranks
+            from ..distributed.pipeline import clip_grad_norm_over_ranks
+
+            held = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+            uncounted = pipeline.uncounted() if pipeline is not None else set()
+            if layout.ep > 1 and layout.data_rank != 0:  # dense replicas: data rank 0 counts them
+                experts = expert_parameters(model)
+                uncounted |= {id(p) for p in held if id(p) not in experts}
+            grad_norm = clip_grad_norm_over_ranks(held, args.grad_clip, uncounted)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -365,7 +389,7 @@ def pretrain(args: PretrainArgs) -> dict:
         optimizer.zero_grad(set_to_none=True)
         all_reduce_expert_load(model, layout)
         imbalance = update_routing_bias(model, args.bias_update_rate)
-        if pipeline is not None:  # each rank updated its own layers; the log shows all of them
+        if layout.pp > 1:  # each rank updated its own layers; the log shows all of them
             from ..distributed.pipeline import merge_over_ranks
 
             imbalance = merge_over_ranks(imbalance)
@@ -396,7 +420,7 @@ def pretrain(args: PretrainArgs) -> dict:
     save(step)
     summary = {"steps": step, "tokens": tokens_seen, "final": history[-1] if history else {},
                "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None,
-               "data_parallel": layout.dp, "pipeline_parallel": layout.pp}
+               "data_parallel": layout.dp, "pipeline_parallel": layout.pp, "expert_parallel": layout.ep}
     plain = _gather_plain_model(model, layout, config) if args.export else None  # collective under --dp
     if layout.is_main:
         if args.export:
@@ -412,12 +436,12 @@ def pretrain(args: PretrainArgs) -> dict:
 
 def _gather_plain_model(model, layout, config):
     """The trained model as one unsharded module on rank 0 (the model itself when alone; None elsewhere)."""
-    if layout.dp == 1 and layout.pp == 1:
+    if not layout.distributed:
         return model
     from ..distributed.data_parallel import full_state_dict
     from ..modeling import DeepseekV3ForCausalLM
 
-    if layout.pp > 1:
+    if layout.pp > 1 or layout.ep > 1:  # each parameter held by one rank (or replicas of equal value)
         from ..distributed.pipeline import gather_state_dict
 
         full = gather_state_dict(model, layout)

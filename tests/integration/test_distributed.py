@@ -1,6 +1,7 @@
-"""``deepseek-v3 pretrain --dp 2`` under real ``torchrun`` (gloo, CPU) against the single-process run: same
-per-step losses, gradient norms, expert loads (bias updates) and evaluation; the final weights and the exports
-agree; checkpoints resume across layouts (2 ranks -> 1 process and back); bad layouts are refused on every rank.
+"""``deepseek-v3 pretrain --dp 2`` / ``--ep 2`` / ``--pp 2`` (every schedule) / ``--pp 2 --ep 2`` under real
+``torchrun`` (gloo, CPU) against the single-process run: same per-step losses, gradient norms, expert loads (bias
+updates) and evaluation; the final weights and the exports agree; checkpoints resume across layouts (2 ranks -> 1
+process and back); bad layouts are refused on every rank.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def runs(texts, tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     pretrain(texts, root / "single", "--micro-batch-size", "4")
     pretrain(texts, root / "dp2", "--dp", "2", "--micro-batch-size", "2", ranks=2)
+    pretrain(texts, root / "ep2", "--ep", "2", "--micro-batch-size", "2", ranks=2)
     return root
 
 
@@ -95,6 +97,56 @@ def test_dp2_exports_the_same_model(runs):
     assert load(runs / "dp2" / "fp8").config.is_fp8
 
 
+def test_ep2_equals_the_single_process_run(runs):
+    """Expert parallelism: each rank holds 4 of the 8 routed experts of every MoE layer (MTP layer included) and half
+    of every batch; rows travel by all-to-all. Same losses, gradient norms, expert loads and evaluation as one
+    process; the checkpoint holds every expert once, under the single-process names; the export is the same model."""
+    single, ep2 = log(runs / "single"), log(runs / "ep2")
+    assert_same_run(single, ep2)
+    a, b = weights(runs / "single"), weights(runs / "ep2")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert json.loads((runs / "ep2" / "summary.json").read_text())["expert_parallel"] == 2
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load(runs / "ep2" / "bf16")(ids).logits, load(runs / "single" / "bf16")(ids).logits,
+                                   rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("first,then", [("ep2", 1), (1, "ep2")])
+def test_ep_resumes_across_layouts(runs, texts, tmp_path, first, then):
+    import shutil
+
+    src = runs / ("ep2" if first == "ep2" else "single")
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("step-0000006", "bf16", "fp8", "final.pt"))
+    extra = ["--ep", "2", "--micro-batch-size", "2"] if then == "ep2" else ["--micro-batch-size", "4"]
+    pretrain(texts, out, "--resume", "--no-export", *extra, ranks=2 if then == "ep2" else 1)
+    assert_same_run(log(runs / "single"), log(out))
+
+
+def test_ep_composes_with_fp8_training(texts, tmp_path):
+    """FP8 training (emulated recipe) under --ep 2 follows the single-process FP8 run. Not to 1e-5: the weight
+    gradient's 128x1 tiles run over an expert's rows, which the all-to-all groups differently."""
+    pretrain(texts, tmp_path / "single", "--fp8", "--micro-batch-size", "2", "--no-export")
+    pretrain(texts, tmp_path / "ep2", "--fp8", "--ep", "2", "--micro-batch-size", "2", "--no-export", ranks=2)
+    for x, y in zip(log(tmp_path / "single"), log(tmp_path / "ep2"), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3), x["step"]
+
+
+def test_expert_counts_that_do_not_divide_are_refused():
+    import modeling_deepseekv3 as ds
+    from modeling_deepseekv3.checkpoint import TINY_CONFIG
+    from modeling_deepseekv3.distributed.data_parallel import Layout
+    from modeling_deepseekv3.distributed.expert_parallel import ExpertParallelError, apply_expert_parallel
+
+    model = ds.DeepseekV3ForCausalLM(ds.DeepseekV3Config(**TINY_CONFIG))
+    n = model.config.n_routed_experts
+    with pytest.raises(ExpertParallelError, match=f"{n} routed experts do not divide over 3 ranks"):
+        apply_expert_parallel(model, Layout(ep=3, dp=1))
+
+
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_resume_across_layouts(runs, texts, tmp_path, first, then):
     """A checkpoint written by one layout continues under another with the uninterrupted run's losses."""
@@ -115,6 +167,12 @@ def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
     assert proc.returncode != 0 and proc.stderr.count("does not match the world size 2") == 2  # every rank says so
     proc = pretrain(texts, tmp_path / "c", "--dp", "2", "--micro-batch-size", "3", ranks=2, check=False)
     assert proc.returncode != 0 and "not divisible by --micro-batch-size 3 x --dp 2" in proc.stderr
+    proc = pretrain(texts, tmp_path / "d", "--ep", "4", ranks=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("needs 4 processes (--pp x --ep), but torchrun started 2") == 2
+    proc = pretrain(texts, tmp_path / "e", "--ep", "2", "--dp", "2", ranks=2, check=False)
+    assert proc.returncode != 0 and "FSDP over expert-parallel ranks is not implemented" in proc.stderr
+    proc = pretrain(texts, tmp_path / "f", "--ep", "2", check=False)  # not under torchrun
+    assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
     assert not (tmp_path / "c" / "checkpoints").exists()
 
 
@@ -202,22 +260,31 @@ def pp_run(texts, out, config, *extra, ranks=1):
 def pp_runs(texts, four_layers, tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     pp_run(texts, root / "single", four_layers)
-    for schedule in ("dualpipev", "zbv"):
+    for schedule in PP_SCHEDULES:
         pp_run(texts, root / schedule, four_layers, "--pp", "2", "--pp-schedule", schedule, ranks=2)
+    # 2 pipelines of 2 stages; the 2 ranks of each position split the batch and the experts
+    pretrain(texts, root / "pp2xep2", "--model-config", str(four_layers), "--micro-batch-size", "1", "--pp", "2",
+             "--ep", "2", ranks=4)
     return root
 
 
-@pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
+PP_SCHEDULES = ("dualpipev", "zbv", "1f1b", "gpipe", "interleaved1f1b")
+
+
+@pytest.mark.parametrize("schedule", [*PP_SCHEDULES, "pp2xep2"])
 def test_pp2_equals_the_single_process_run(pp_runs, schedule):
-    """torch.distributed.pipelining with V placement (4 stages on 2 ranks, 4 micro-batches): the same losses (MTP on
-    the last stage, balance losses injected where their layers run), gradient norms, expert loads and evaluation."""
+    """torch.distributed.pipelining, 4 micro-batches: V placement (dualpipev, zbv: 4 stages on 2 ranks), one stage
+    per rank (1f1b, gpipe: the MTP layer on rank 1 with a replica of the embedding whose gradient the two ranks
+    sum), looped (interleaved1f1b); and 2 x 2 ranks of pipeline x expert parallelism. The same losses (MTP on the
+    last stage, balance losses injected where their layers run), gradient norms, expert loads and evaluation."""
     single, piped = log(pp_runs / "single"), log(pp_runs / schedule)
     assert_same_run(single, piped)
     a, b = weights(pp_runs / "single"), weights(pp_runs / schedule)
     assert a.keys() == b.keys()  # every rank saved its own layers under the single-process names
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert json.loads((pp_runs / schedule / "summary.json").read_text())["pipeline_parallel"] == 2
+    summary = json.loads((pp_runs / schedule / "summary.json").read_text())
+    assert summary["pipeline_parallel"] == 2 and summary["expert_parallel"] == (2 if schedule == "pp2xep2" else 1)
     exported, reference = load(pp_runs / schedule / "bf16"), load(pp_runs / "single" / "bf16")
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -238,15 +305,15 @@ def test_pp_resumes_across_layouts(pp_runs, texts, four_layers, tmp_path, first,
 
 @pytest.mark.parametrize("extra,match", [
     (["--pp-schedule", "zbv", "--micro-batch-size", "4"], "needs at least 4 micro-batches"),
-    (["--dp", "2"], "pipeline and data parallelism together are not implemented"),
+    (["--dp", "2"], "pipeline and data parallelism (FSDP) together are not implemented"),
 ])
 def test_bad_pipeline_layouts_are_refused(texts, four_layers, tmp_path, extra, match):
     proc = pretrain(texts, tmp_path / "x", "--model-config", str(four_layers), "--pp", "2", *extra, ranks=2, check=False)
     assert proc.returncode != 0 and proc.stderr.count(match) == 2, proc.stderr[-2000:]  # every rank says so
 
 
-def test_pipeline_needs_enough_layers_and_a_v_schedule(texts, tmp_path):
+def test_pipeline_needs_enough_layers(texts, tmp_path):
     proc = pretrain(texts, tmp_path / "x", "--pp", "2", ranks=2, check=False)  # the 2-layer tiny preset
-    assert proc.returncode != 0 and "cannot fill 4 stages" in proc.stderr
+    assert proc.returncode != 0 and "cannot fill the 4 stages of --pp 2 --pp-schedule dualpipev" in proc.stderr
     proc = pretrain(texts, tmp_path / "y", "--pp", "2", check=False)  # not under torchrun
     assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr

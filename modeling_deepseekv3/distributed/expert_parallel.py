@@ -1,0 +1,186 @@
+"""Expert parallelism for training: ``pretrain --ep N`` under ``torchrun``, applied from outside the model.
+
+Shape-suffix legend: T = tokens, D = hidden size, K = experts per token, A = assignments (rows), E = routed
+experts, L = experts held per rank (E / N), R = expert-parallel ranks.
+
+The N ranks split every global batch between them (data parallel for the dense weights, which each rank holds
+whole) and each holds 1/N of every MoE layer's routed experts: rank r owns experts ``[r L, (r + 1) L)``. Each
+MoE layer's dispatcher (:class:`ExpertParallelDispatcher`, put into the model's dispatch seam
+``mlp.dispatcher``) sorts the local token-expert assignments by expert -- which also groups them by owning
+rank --, sends every row to its expert's owner with one all-to-all, and brings the outputs back with another;
+the weighted combine then runs where the tokens live, accumulating in float32 (rows travel in the compute
+dtype: BF16 in BF16 training, as the report's combine). The model code never knows: ``experts(x_AD,
+counts_E)`` receives rows sorted by expert and counts that are zero for the experts held elsewhere.
+
+Gradients, as one process would compute them for the same global batch (tested against it):
+
+* a held expert's gradient arrives summed over the rows of every rank (the all-to-all's backward sends the row
+  gradients home), so it is divided by N -- each rank's loss is the mean over its 1/N of the batch;
+* the dense weights' gradients are averaged over the N ranks (:func:`sync_gradients`, one flat all-reduce).
+
+Expert modules a rank does not hold are replaced by :class:`RemoteExpert` (no parameters): parameter names stay
+the single-process ones, so checkpoints (``torch.distributed.checkpoint``) resume on any layout and the
+exported model is the one a single process trains. Under ``--pp`` the data ranks of one pipeline position form
+the expert-parallel group; all of them run the same schedule, so their all-to-alls pair in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..moe.dispatch import DispatchPlan, LocalDispatcher
+
+__all__ = [
+    "ExpertParallelDispatcher",
+    "ExpertParallelError",
+    "RemoteExpert",
+    "apply_expert_parallel",
+    "expert_parameters",
+    "sync_gradients",
+]
+
+
+class ExpertParallelError(ValueError):
+    """An expert-parallel layout that cannot run; the message names the flag and what to change."""
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows ``[sum(in_splits), ...]`` exchanged over ``group`` into ``[sum(out_splits), ...]``; backward sends
+    the row gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+@dataclass
+class _ExpertParallelPlan:
+    local: DispatchPlan  # how the local assignments map to tokens
+    inverse_A: torch.Tensor  # received-order position of each row the experts saw
+    send_splits: list[int]  # rows sent to each rank
+    recv_splits: list[int]  # rows received from each rank
+
+
+class ExpertParallelDispatcher:
+    """``dispatch``/``combine`` of :class:`~modeling_deepseekv3.moe.dispatch.LocalDispatcher`'s contract across
+    the ranks of ``group`` (module docstring)."""
+
+    def __init__(self, num_experts: int, ranks: int, rank: int, group):
+        self.num_experts, self.ranks, self.rank, self.group = num_experts, ranks, rank, group
+        self.per_rank = num_experts // ranks
+        self.local = LocalDispatcher(num_experts)
+
+    def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor):
+        x_AD, counts_E, plan = self.local.dispatch(x_TD, idx_TK, weight_TK)  # sorted by expert = by owner
+        send_RL = counts_E.view(self.ranks, self.per_rank)  # rows for each (owner, its expert)
+        recv_RL = torch.empty_like(send_RL)  # rows from each (source rank, my expert)
+        dist.all_to_all_single(recv_RL, send_RL, group=self.group)
+        send, recv = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        x_recv = _AllToAll.apply(x_AD, recv, send, self.group)  # grouped by source rank, then by expert
+        # regroup by expert (then source rank), as the experts read them
+        expert_of_row = torch.arange(self.per_rank).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
+        order = expert_of_row.argsort(stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        counts_mine_E = torch.zeros_like(counts_E)
+        counts_mine_E[self.rank * self.per_rank : (self.rank + 1) * self.per_rank] = recv_RL.sum(0)
+        return x_recv.index_select(0, order), counts_mine_E, _ExpertParallelPlan(plan, inverse, send, recv)
+
+    def combine(self, y_AD: torch.Tensor, plan: _ExpertParallelPlan, dtype: torch.dtype) -> torch.Tensor:
+        y_recv = y_AD.index_select(0, plan.inverse_A)  # back to the received order
+        y_home = _AllToAll.apply(y_recv, plan.send_splits, plan.recv_splits, self.group)  # in the sorted local order
+        return self.local.combine(y_home, plan.local, dtype)
+
+
+class RemoteExpert(nn.Module):
+    """Stands in for a routed expert held by another rank: no parameters, never called (its count here is
+    always zero)."""
+
+    def __init__(self, expert: int, owner: int):
+        super().__init__()
+        self.expert, self.owner = expert, owner
+
+    def forward(self, x):
+        raise RuntimeError(f"routed expert {self.expert} lives on expert-parallel rank {self.owner}; rows for it "
+                           "must be dispatched there (ExpertParallelDispatcher).")
+
+    def extra_repr(self) -> str:
+        return f"expert={self.expert}, owner={self.owner}"
+
+
+def _moe_layers(model):
+    from ..moe.layer import DeepseekV3MoE
+
+    return [m for m in model.modules() if isinstance(m, DeepseekV3MoE)]
+
+
+def apply_expert_parallel(model, layout):
+    """Shard every MoE layer's routed experts over ``layout``'s data ranks (``--ep``) and put the all-to-all
+    dispatcher into each layer's dispatch seam. The model must hold its initial weights (the same on every rank:
+    same seed). Returns the model."""
+    ep = layout.ep
+    if ep == 1:
+        return model
+    n_experts = model.config.n_routed_experts
+    if n_experts % ep:
+        raise ExpertParallelError(f"--ep {ep}: the model's {n_experts} routed experts do not divide over {ep} ranks; "
+                                  f"choose --ep among the divisors of {n_experts}.")
+    per_rank, mine = n_experts // ep, layout.data_rank
+    for moe in _moe_layers(model):
+        moe.experts.grouped = False  # the stacked inference buffers would need every expert
+        for e in range(n_experts):
+            if e // per_rank != mine:
+                moe.experts[e] = RemoteExpert(e, e // per_rank)
+        moe.dispatcher = ExpertParallelDispatcher(n_experts, ep, mine, layout.data_group)
+    return model
+
+
+def expert_parameters(model) -> set[int]:
+    """``id``s of the routed-expert parameters this rank holds (each held by exactly one data rank)."""
+    from ..moe.experts import RoutedExperts
+
+    return {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
+
+
+def sync_gradients(model, layout) -> None:
+    """Make this rank's gradients the single-process ones (module docstring): dense gradients averaged over the
+    data ranks in one flat all-reduce (a parameter without a gradient on some rank counts as zero there and gets
+    one only where any rank had one), held experts' gradients divided by the number of ranks."""
+    if layout.ep == 1:
+        return
+    experts = expert_parameters(model)
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    dense = [p for p in params if id(p) not in experts]
+    for p in params:
+        if id(p) in experts and p.grad is not None:
+            p.grad.div_(layout.ep)
+    if not dense:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in dense]
+                     + [torch.tensor([float(p.grad is not None) for p in dense])])
+    dist.all_reduce(flat, group=layout.data_group)
+    seen = flat[-len(dense):]
+    start = 0
+    for p, has in zip(dense, seen.tolist()):
+        n = p.numel()
+        if has:
+            g = flat[start : start + n].view_as(p).div_(layout.ep).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        start += n
