@@ -37,6 +37,7 @@ __all__ = [
     "Layout",
     "all_reduce_expert_load",
     "apply_data_parallel",
+    "check_same_on_every_rank",
     "full_state_dict",
     "init_layout",
     "leave_process_group",
@@ -153,6 +154,24 @@ def init_layout(dp: int | None, pp: int | None = None, ep: int | None = None) ->
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     mesh = init_device_mesh(device, (pp, data), mesh_dim_names=("pp", "data"))
     return Layout(dp=1 if ep > 1 else data, pp=pp, ep=ep, rank=dist.get_rank(), mesh=mesh)
+
+
+def check_same_on_every_rank(layout: Layout, facts: dict) -> None:
+    """Raise :class:`DataParallelError` on every rank if any rank's ``facts`` (JSON-like: the run's settings, the
+    model config's fingerprint, the data's) differ from rank 0's: ranks launched with different command lines or
+    reading different files would otherwise train different models, or hang in mismatched collectives."""
+    if not layout.distributed:
+        return
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, facts)
+    for rank, theirs in enumerate(everyone):
+        for key in everyone[0]:
+            if theirs.get(key) != everyone[0][key]:
+                raise DataParallelError(
+                    f"rank {rank} runs with a different {key} than rank 0 ({theirs.get(key)} vs {everyone[0][key]}): "
+                    "every rank must run the same command on the same files (same --model-config, data, tokenizer "
+                    "and flags on every node)."
+                )
 
 
 def _experts_modules(model):

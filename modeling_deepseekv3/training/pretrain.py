@@ -230,6 +230,7 @@ def pretrain(args: PretrainArgs) -> dict:
     from ..distributed.data_parallel import (
         all_reduce_expert_load,
         apply_data_parallel,
+        check_same_on_every_rank,
         init_layout,
         mean_over_ranks,
     )
@@ -282,6 +283,10 @@ def pretrain(args: PretrainArgs) -> dict:
     eval_stream = TokenStream.from_files(eval_files, tok) if eval_files else None
     byte_len = token_byte_lengths(tok)
 
+    layout_flags = {"dp": layout.dp, "pp": layout.pp, "ep": layout.ep, "pp_schedule": args.pp_schedule, "micro": micro}
+    check_same_on_every_rank(layout, {"args": args.identity() | layout_flags, "config": _config_fingerprint(config),
+                                      "data": stream.fingerprint,
+                                      "eval_data": eval_stream.fingerprint if eval_stream else None})
     torch.manual_seed(args.seed)
     model = DeepseekV3ForCausalLM(config)
     tie_mtp_to_main(model)

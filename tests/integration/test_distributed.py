@@ -317,3 +317,28 @@ def test_pipeline_needs_enough_layers(texts, tmp_path):
     assert proc.returncode != 0 and "cannot fill the 4 stages of --pp 2 --pp-schedule dualpipev" in proc.stderr
     proc = pretrain(texts, tmp_path / "y", "--pp", "2", check=False)  # not under torchrun
     assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
+
+
+MISMATCH_WORKER = """
+import os, torch.distributed as dist
+from modeling_deepseekv3.distributed.data_parallel import DataParallelError, Layout, check_same_on_every_rank
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+try:
+    check_same_on_every_rank(Layout(dp=2, rank=rank, mesh="grid"), {"config": "abc", "data": f"shard-{rank}"})
+except DataParallelError as e:
+    print(f"rank {rank}: {e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_with_different_inputs_are_refused_on_every_rank(tmp_path):
+    """Ranks launched with different data (or config, or flags) stop with the same clear error, before any work."""
+    script = tmp_path / "worker.py"
+    script.write_text(MISMATCH_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: rank 1 runs with a different data than rank 0 (shard-1 vs shard-0)" in proc.stdout
