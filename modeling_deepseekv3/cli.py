@@ -275,6 +275,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp-schedule", choices=tuple(PIPELINE_SCHEDULES), default="dualpipev",
                    help="pipeline schedule: dualpipev/zbv place two stages per rank in a V (embedding, head and MTP "
                         "layer on rank 0); gpipe/1f1b one per rank, interleaved1f1b two, looped")
+    p.add_argument("--pp-overlap", action="store_true",
+                   help="dualpipev: run each overlapped forward+backward pair in two threads (the backward's "
+                        "all-to-alls on their own communicators)")
     p.add_argument("--ep", type=int, default=None,
                    help="expert-parallel ranks: they split every batch and the routed experts (all-to-all "
                         "dispatch); with --pp, per pipeline position (world size = pp x ep)")

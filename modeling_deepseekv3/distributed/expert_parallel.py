@@ -50,11 +50,13 @@ class ExpertParallelError(ValueError):
 
 class _AllToAll(torch.autograd.Function):
     """Rows ``[sum(in_splits), ...]`` exchanged over ``group`` into ``[sum(out_splits), ...]``; backward sends
-    the row gradients back the same way."""
+    the row gradients back the same way, over ``backward_group`` (the same ranks, another communicator: a
+    backward running beside a forward -- DualPipeV's overlapped pairs -- must not interleave its collectives
+    with the forward's on one communicator, where the ranks could pair them in different orders)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, backward_group):
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group
         out = x.new_empty(sum(out_splits), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
@@ -64,7 +66,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
         dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return grad_in, None, None, None, None
 
 
 @dataclass
@@ -79,8 +81,9 @@ class ExpertParallelDispatcher:
     """``dispatch``/``combine`` of :class:`~modeling_deepseekv3.moe.dispatch.LocalDispatcher`'s contract across
     the ranks of ``group`` (module docstring)."""
 
-    def __init__(self, num_experts: int, ranks: int, rank: int, group):
+    def __init__(self, num_experts: int, ranks: int, rank: int, group, backward_group=None):
         self.num_experts, self.ranks, self.rank, self.group = num_experts, ranks, rank, group
+        self.backward_group = backward_group if backward_group is not None else group
         self.per_rank = num_experts // ranks
         self.local = LocalDispatcher(num_experts)
 
@@ -90,7 +93,7 @@ class ExpertParallelDispatcher:
         recv_RL = torch.empty_like(send_RL)  # rows from each (source rank, my expert)
         dist.all_to_all_single(recv_RL, send_RL, group=self.group)
         send, recv = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_AD, recv, send, self.group)  # grouped by source rank, then by expert
+        x_recv = _AllToAll.apply(x_AD, recv, send, self.group, self.backward_group)  # grouped by source rank, then by expert
         # regroup by expert (then source rank), as the experts read them
         expert_of_row = torch.arange(self.per_rank).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
         order = expert_of_row.argsort(stable=True)
@@ -102,7 +105,7 @@ class ExpertParallelDispatcher:
 
     def combine(self, y_AD: torch.Tensor, plan: _ExpertParallelPlan, dtype: torch.dtype) -> torch.Tensor:
         y_recv = y_AD.index_select(0, plan.inverse_A)  # back to the received order
-        y_home = _AllToAll.apply(y_recv, plan.send_splits, plan.recv_splits, self.group)  # in the sorted local order
+        y_home = _AllToAll.apply(y_recv, plan.send_splits, plan.recv_splits, self.group, self.backward_group)  # in the sorted local order
         return self.local.combine(y_home, plan.local, dtype)
 
 
@@ -140,12 +143,17 @@ def apply_expert_parallel(model, layout):
         raise ExpertParallelError(f"--ep {ep}: the model's {n_experts} routed experts do not divide over {ep} ranks; "
                                   f"choose --ep among the divisors of {n_experts}.")
     per_rank, mine = n_experts // ep, layout.data_rank
+    # a second communicator per expert-parallel group, for the backward's all-to-alls (every rank creates every
+    # group, in the same order)
+    data = layout.data
+    backward_groups = [dist.new_group([row * data + d for d in range(data)]) for row in range(layout.pp)]
+    backward_group = backward_groups[layout.pp_rank]
     for moe in _moe_layers(model):
         moe.experts.grouped = False  # the stacked inference buffers would need every expert
         for e in range(n_experts):
             if e // per_rank != mine:
                 moe.experts[e] = RemoteExpert(e, e // per_rank)
-        moe.dispatcher = ExpertParallelDispatcher(n_experts, ep, mine, layout.data_group)
+        moe.dispatcher = ExpertParallelDispatcher(n_experts, ep, mine, layout.data_group, backward_group)
     return model
 
 

@@ -32,8 +32,8 @@ and the ranks of one pipeline position shard the routed experts of their layers 
 (:mod:`.expert_parallel`); every pipeline runs the same schedule, so the all-to-alls of one position pair up in
 order.
 
-``timeline=True`` records every compute action (forward, backward, weight-gradient chunk) with its start and
-end, for ``benchmarks/pipeline.py``'s measured bubbles.
+``timeline=True`` records every compute action (forward, backward, weight-gradient chunk, the last stage's loss)
+with its start and end, for ``benchmarks/pipeline.py``'s measured bubbles.
 """
 
 from __future__ import annotations
@@ -141,12 +141,15 @@ class PipelineTrainer:
     """This rank's stages, their schedule, and what a training step needs around it."""
 
     def __init__(self, model, layout, schedule: str, micro_batches: int, mtp_weight: float, micro_batch_shape,
-                 timeline: bool = False):
+                 timeline: bool = False, overlap: bool = False):
         from torch.distributed import pipelining
         from torch.distributed.pipelining import PipelineStage
 
         if schedule not in SCHEDULES:
             raise PipelineError(f"--pp-schedule {schedule}: choose one of {', '.join(SCHEDULES)}.")
+        if overlap and schedule != "dualpipev":
+            raise PipelineError(f"--pp-overlap runs DualPipeV's overlapped forward+backward pairs; --pp-schedule "
+                                f"{schedule} has none. Use --pp-schedule dualpipev or drop --pp-overlap.")
         pp, pp_rank = layout.pp, layout.pp_rank
         stages = num_stages(schedule, pp)
         n_layers = model.config.num_hidden_layers
@@ -210,10 +213,26 @@ class PipelineTrainer:
                "interleaved1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
         target = pipe_stages if SCHEDULES[schedule] != "single" else pipe_stages[0]
         self.schedule = cls(target, n_microbatches=micro_batches, loss_fn=self._loss, scale_grads=False)
+        if overlap:
+            from torch.distributed.pipelining.schedules import _ComputationType
+
+            self.schedule.register_custom_function(_ComputationType.OVERLAP_F_B, self._overlapped)
         self._feeds, self._reads_targets = first, last
 
     def _loss(self, hidden, window):
-        """Last stage: next-token CE + ``mtp_weight`` x MTP loss of one micro-batch, as one process."""
+        """Last stage: next-token CE + ``mtp_weight`` x MTP loss of one micro-batch, as one process (timed as
+        action "L" under ``timeline``: the schedules run it outside the stage's forward)."""
+        if self.timeline is not None:
+            import time
+
+            t0 = time.perf_counter()
+            try:
+                return self._loss_of(hidden, window)
+            finally:
+                self.timeline.append(("L", -1, t0, time.perf_counter()))
+        return self._loss_of(hidden, window)
+
+    def _loss_of(self, hidden, window):
         from ..training import losses
 
         model = self.model
@@ -227,6 +246,68 @@ class PipelineTrainer:
             self._parts["mtp_loss"] += float(mtp.detach())
             total = total + self.mtp_weight * mtp
         return total
+
+    # -- DualPipeV's overlapped pairs -----------------------------------------------------------------------------
+    def _overlapped(self, action, ctx) -> None:
+        """One ``OVERLAP_F_B`` action: the forward chunk of one micro-batch (one arm of the V) runs here while the
+        full backward of another (the other arm) runs in a second thread, so one's communication (the
+        expert-parallel all-to-alls, on their own communicators per direction) can hide behind the other's
+        compute, and on a machine with spare cores the two computations run side by side. The two touch different
+        stages, different micro-batches and different schedule state; what they share (the losses list, read for
+        an earlier micro-batch than the one appended) is safe under the GIL. The steps are those of the runtime's
+        own FORWARD and FULL_BACKWARD actions (torch 2.13 ``_PipelineScheduleRuntime``), which run the pair one after
+        the other without this function."""
+        import threading
+
+        sched = ctx.schedule_ref
+        fwd, bwd = action.sub_actions
+        stages = {st.stage_index: st for st in sched._stages}
+        if fwd.stage_index == bwd.stage_index:  # not a DualPipeV pair: nothing to overlap
+            self._forward_action(sched, stages, fwd, ctx)
+            self._backward_action(sched, stages, bwd)
+            return
+        failed: list[BaseException] = []
+
+        def backward():
+            try:
+                self._backward_action(sched, stages, bwd)
+            except BaseException as e:  # re-raised in the schedule's thread
+                failed.append(e)
+
+        worker = threading.Thread(target=backward, name="dualpipev-backward")
+        worker.start()
+        try:
+            self._forward_action(sched, stages, fwd, ctx)
+        finally:
+            worker.join()
+        if failed:
+            raise failed[0]
+
+    @staticmethod
+    def _forward_action(sched, stages, a, ctx) -> None:
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
+        stage, mb = stages[a.stage_index], a.microbatch_index
+        if not stage.is_first and a.stage_index - 1 not in stages:  # input from another rank
+            _wait_batch_p2p(sched.fwd_recv_ops.pop((a.stage_index, mb)))
+        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
+        sched._maybe_compute_loss(stage, output, ctx.target_mbs, mb, None)
+        if a.stage_index + 1 in stages:  # the V's turn on this rank: no communication
+            stages[a.stage_index + 1].set_local_fwd_input(output, mb)
+
+    @staticmethod
+    def _backward_action(sched, stages, a) -> None:
+        from torch.distributed.pipelining.schedules import _wait_batch_p2p
+
+        stage, mb = stages[a.stage_index], a.microbatch_index
+        if not stage.is_last and a.stage_index + 1 not in stages:  # output gradient from another rank
+            _wait_batch_p2p(sched.bwd_recv_ops.pop((a.stage_index, mb)))
+        loss = sched._maybe_get_loss(stage, mb)
+        sched.backward_counter[a.stage_index] += 1
+        last = sched.backward_counter[a.stage_index] == sched._n_microbatches
+        stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
+        if a.stage_index - 1 in stages:
+            stages[a.stage_index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
 
     def _params(self) -> list[torch.nn.Parameter]:
         return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())

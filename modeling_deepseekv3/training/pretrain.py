@@ -92,6 +92,7 @@ class PretrainArgs:
     dp: int | None = None
     pp: int | None = None
     pp_schedule: str = "dualpipev"
+    pp_overlap: bool = False
     ep: int | None = None
     progress: bool = True
     export: bool = True
@@ -304,7 +305,7 @@ def pretrain(args: PretrainArgs) -> dict:
         from ..distributed.pipeline import PipelineTrainer
 
         pipeline = PipelineTrainer(model, layout, args.pp_schedule, args.global_batch_size // (micro * layout.data),
-                                   args.mtp_weight, (micro, args.seq_len))
+                                   args.mtp_weight, (micro, args.seq_len), overlap=args.pp_overlap)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]

@@ -265,17 +265,21 @@ def pp_runs(texts, four_layers, tmp_path_factory):
     # 2 pipelines of 2 stages; the 2 ranks of each position split the batch and the experts
     pretrain(texts, root / "pp2xep2", "--model-config", str(four_layers), "--micro-batch-size", "1", "--pp", "2",
              "--ep", "2", ranks=4)
+    # DualPipeV's overlapped pairs in two threads, each direction's all-to-alls on its own communicator
+    pretrain(texts, root / "pp2xep2-overlap", "--model-config", str(four_layers), "--micro-batch-size", "1", "--pp",
+             "2", "--ep", "2", "--pp-overlap", ranks=4)
     return root
 
 
 PP_SCHEDULES = ("dualpipev", "zbv", "1f1b", "gpipe", "interleaved1f1b")
 
 
-@pytest.mark.parametrize("schedule", [*PP_SCHEDULES, "pp2xep2"])
+@pytest.mark.parametrize("schedule", [*PP_SCHEDULES, "pp2xep2", "pp2xep2-overlap"])
 def test_pp2_equals_the_single_process_run(pp_runs, schedule):
     """torch.distributed.pipelining, 4 micro-batches: V placement (dualpipev, zbv: 4 stages on 2 ranks), one stage
     per rank (1f1b, gpipe: the MTP layer on rank 1 with a replica of the embedding whose gradient the two ranks
-    sum), looped (interleaved1f1b); and 2 x 2 ranks of pipeline x expert parallelism. The same losses (MTP on the
+    sum), looped (interleaved1f1b); and 2 x 2 ranks of pipeline x expert parallelism, also with DualPipeV's
+    overlapped forward+backward pairs run in two threads. The same losses (MTP on the
     last stage, balance losses injected where their layers run), gradient norms, expert loads and evaluation."""
     single, piped = log(pp_runs / "single"), log(pp_runs / schedule)
     assert_same_run(single, piped)
@@ -284,7 +288,7 @@ def test_pp2_equals_the_single_process_run(pp_runs, schedule):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
     summary = json.loads((pp_runs / schedule / "summary.json").read_text())
-    assert summary["pipeline_parallel"] == 2 and summary["expert_parallel"] == (2 if schedule == "pp2xep2" else 1)
+    assert summary["pipeline_parallel"] == 2 and summary["expert_parallel"] == (2 if "ep2" in schedule else 1)
     exported, reference = load(pp_runs / schedule / "bf16"), load(pp_runs / "single" / "bf16")
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -306,6 +310,7 @@ def test_pp_resumes_across_layouts(pp_runs, texts, four_layers, tmp_path, first,
 @pytest.mark.parametrize("extra,match", [
     (["--pp-schedule", "zbv", "--micro-batch-size", "4"], "needs at least 4 micro-batches"),
     (["--dp", "2"], "pipeline and data parallelism (FSDP) together are not implemented"),
+    (["--pp-schedule", "1f1b", "--pp-overlap"], "--pp-schedule 1f1b has none"),
 ])
 def test_bad_pipeline_layouts_are_refused(texts, four_layers, tmp_path, extra, match):
     proc = pretrain(texts, tmp_path / "x", "--model-config", str(four_layers), "--pp", "2", *extra, ranks=2, check=False)
