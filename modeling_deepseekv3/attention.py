@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8 import FP8Linear
+from .fp8.gpu import resolve_backend
 from .fp8.kernels import fp8_head_matmul
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
@@ -105,7 +106,7 @@ class KVBLinear(LatentAbsorbingProjection, nn.Linear):
 
 
 class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
-    """FP8 ``kv_b_proj``. For inference on CPU (``fp8_compute="auto"``, no autograd, weights resident) the
+    """FP8 ``kv_b_proj``. For inference on CPU (``fp8_compute`` "auto" or "native", no autograd, weights resident) the
     absorbed path runs both per-head products -- ``q_nope W_UK`` (a contraction over the weight's rows) and
     ``o_latent W_UV^T`` -- by the native kernel straight from the FP8 weight (:func:`~.fp8.kernels.fp8_head_matmul`).
     No dense copy is kept for that: the head kernels read 1 byte per weight where a dense FP32 copy reads 4,
@@ -121,7 +122,7 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
     def _head_kernels_apply(self, x: torch.Tensor) -> bool:
         hook = getattr(self, "_hf_hook", None)
         return (
-            self.compute == "auto"
+            resolve_backend(self.compute, self.weight.device) == "native"  # raises for a backend the device lacks
             and not (torch.is_grad_enabled() and x.requires_grad)
             and not getattr(hook, "offload", False)
         )

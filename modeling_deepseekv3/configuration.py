@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 # Allowed values of the plugin knobs, defined here once (attention, cache, CLI and placement import them).
-FP8_COMPUTE_MODES = ("auto", "dequant")
+#: ``fp8_compute``: "auto" picks per device (fp8/gpu.py ``resolve_backend``); the others are the backends themselves.
+FP8_COMPUTE_MODES = ("auto", "dequant", "native", "scaled_mm", "w8a16")
 MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
 LATENT_CACHE_FORMATS = ("auto", "fp8", "fp8_plain")
 # ``pretrain --pp-schedule``: schedule -> placement of its stages (``distributed/pipeline.py``): "v" two per rank in
@@ -71,17 +72,24 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     ``dequantize_fp8`` (bool, default False)
         After loading an FP8 checkpoint, replace every FP8 linear by a dense one in the model dtype.
         Trades 2x (BF16) or 4x (FP32) weight memory for not dequantizing on every forward.
-    ``fp8_compute`` ("auto" | "dequant", default "auto")
-        How FP8 linears compute. "dequant": block-dequantize the weight each call, then ``F.linear`` (the
-        reference; used for training and on GPUs either way). "auto": for inference on CPU, a native
-        kernel that reads the FP8 weight directly (1 byte per parameter) with fp32 accumulation, also for
-        the absorbed attention's kv_b_proj; built once per machine and cached (``scripts/setup.sh`` does
-        it ahead of time), no compile in new processes; without a C++ compiler or AVX2 it says so once and
-        computes as "dequant" does.
+    ``fp8_compute`` ("auto" | "dequant" | "native" | "scaled_mm" | "w8a16", default "auto")
+        How FP8 linears compute for inference (under autograd every value dequantizes). "dequant":
+        block-dequantize the weight each call, then ``F.linear`` (the reference). "native": the CPU kernel
+        that reads the FP8 weight directly (1 byte per parameter) with fp32 accumulation, also for the
+        absorbed attention's kv_b_proj; built once per machine and cached (``scripts/setup.sh`` does it
+        ahead of time); without a C++ compiler or AVX2 it says so once and computes as "dequant" does.
+        "scaled_mm": Hopper (SM90, CUDA >= 12.9) FP8 tensor-core GEMMs, activations quantized per 1x128
+        tile on the fly, the checkpoint's 128x128 weight scales. "w8a16": a Triton kernel for any CUDA GPU
+        (Ampere, Turing, ...) that reads the FP8 weight and dequantizes inside the GEMM tile. "auto": CPU ->
+        "native", SM90 -> "scaled_mm", other CUDA GPUs with Triton -> "w8a16", else "dequant". A backend the
+        weights' device cannot run is an error naming the device; ``model.fp8_backend()`` shows the choice.
+        On CUDA, FP8 routed experts run as grouped W8A16 GEMMs (``moe_grouped_experts``).
     ``moe_grouped_experts`` (bool, default True)
         For inference with dense (BF16/FP32) experts, on a layer's first call re-home its experts' weights
         into two stacked buffers (parameters become views; names and saving unchanged) and run each layer's
-        experts as two grouped matmuls. Not used for FP8 experts, training, or experts spread over devices.
+        experts as two grouped matmuls. FP8 experts on a CUDA GPU whose ``fp8_compute`` resolves to
+        "scaled_mm" or "w8a16" are stacked the same way (FP8 kept) and run as three grouped W8A16 kernels
+        over the experts that received tokens. Not used for training or experts spread over devices.
     ``balance_loss_alpha`` (float, default 1e-4), ``routing_bias_update_rate`` (float, default 0.0),
     ``mtp_loss_weight`` (float, default 0.1)
         MoE training controls (``training.py``): the sequence-wise balance loss weight (the official

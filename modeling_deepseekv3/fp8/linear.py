@@ -1,8 +1,9 @@
 """``FP8Linear``: a linear layer whose weight stays float8_e4m3fn with its 128x128 block scales.
 
-The format is in :mod:`.format`; the CPU kernels (and their reference twins) in :mod:`.kernels`. This
-module picks, per call, how an FP8 linear computes: the dequantize-then-``F.linear`` reference, or, for
-inference on CPU, the native kernel that reads the FP8 weight directly.
+The format is in :mod:`.format`; the CPU kernels (and their reference twins) in :mod:`.kernels`; the GPU
+kernels and the backend choice in :mod:`.gpu`. This module picks, per call, how an FP8 linear computes: the
+dequantize-then-``F.linear`` reference, or, for inference, the backend ``fp8_compute`` resolves to on the
+weight's device (``native`` on CPU, ``scaled_mm`` on Hopper, ``w8a16`` on other CUDA GPUs).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gpu
 from .format import DEFAULT_BLOCK_SIZE, FP8_DTYPE, apply_keeping_dtype, block_dequantize, block_quantize, scale_shape
-from .kernels import fp8_dequantize, fp8_matmul
+from .gpu import resolve_backend
+from .kernels import _weight_applies, fp8_dequantize, fp8_matmul
 
-__all__ = ["FP8Linear", "fp8_linear"]
+__all__ = ["FP8Linear", "fp8_linear", "fp8_linear_backend"]
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -35,21 +38,64 @@ class _FP8LinearFunction(torch.autograd.Function):
         return grad_out @ w, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto") -> torch.Tensor:
-    """``F.linear(x, dequant(weight))``. With autograd: the re-dequantizing autograd function. ``mode="auto"``
-    for inference on CPU (float32/bfloat16 input): the native kernel (fp32 accumulation, exact to fp32
-    rounding against :func:`~.kernels.fp8_matmul_reference`). Otherwise, and wherever the kernel does not
-    apply: dequantize to ``x``'s dtype, then ``F.linear`` (the reference)."""
+def fp8_linear(
+    x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto", scale_fmt: str | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, dequant(weight))``. With autograd: the re-dequantizing autograd function (every backend).
+    For inference, the backend that ``mode`` (the config's ``fp8_compute``) resolves to on the weight's
+    device (:func:`~.gpu.resolve_backend`, which raises for a backend the device cannot run): ``native``
+    (CPU, float32/bfloat16 input: fp32 accumulation, exact to fp32 rounding against
+    :func:`~.kernels.fp8_matmul_reference`), ``scaled_mm`` (activation quantized per 1x128 tile, FP8 tensor
+    cores; ``cache`` keeps the weight's cuBLAS-layout scales), ``w8a16`` (the Triton weight-only kernel).
+    Otherwise, and wherever the chosen kernel does not take the shape or dtype: dequantize to ``x``'s dtype,
+    then ``F.linear`` (the reference)."""
     if torch.is_grad_enabled() and x.requires_grad:
         out = _FP8LinearFunction.apply(x, weight, scale_inv, tuple(block_size))
         return out + bias.to(x.dtype) if bias is not None else out
-    if mode == "auto" and x.numel():
-        out = fp8_matmul(x.reshape(-1, x.shape[-1]), weight, scale_inv, block_size)
+    backend = resolve_backend(mode, weight.device)
+    if backend != "dequant" and x.numel():
+        x2d = x.reshape(-1, x.shape[-1])
+        out = None
+        if backend == "native":
+            out = fp8_matmul(x2d, weight, scale_inv, block_size)
+        elif x2d.dtype in (torch.bfloat16, torch.float16, torch.float32) and x2d.device == weight.device:
+            if backend == "scaled_mm" and gpu.scaled_mm_weight_applies(weight, block_size):
+                out = gpu.scaled_mm_linear(x2d, weight, _scaled_mm_scales(scale_inv, cache), scale_fmt)
+            elif backend == "w8a16" and gpu.w8a16_weight_applies(weight, block_size):
+                out = gpu.w8a16_matmul(x2d, weight, scale_inv, block_size)
         if out is not None:
             out = out.view(*x.shape[:-1], weight.shape[0])
             return out + bias.to(x.dtype) if bias is not None else out
     w = block_dequantize(weight, scale_inv, block_size, x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def _scaled_mm_scales(scale_inv: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """The weight's scales in cuBLAS layout, prepared once per weight: kept in ``cache`` (the module's
+    ``__dict__``, so not a buffer and never saved) while the scale tensor is unchanged."""
+    if cache is None:
+        return gpu.weight_scale_layout(scale_inv)
+    key = (scale_inv.data_ptr(), scale_inv._version, scale_inv.device)
+    hit = cache.get("_scaled_mm_scales")
+    if hit is None or hit[0] != key:
+        hit = (key, gpu.weight_scale_layout(scale_inv))
+        cache["_scaled_mm_scales"] = hit
+    return hit[1]
+
+
+def fp8_linear_backend(module: FP8Linear) -> str:
+    """The backend this FP8 linear computes with for inference (float32/bfloat16 input) where its weight is
+    now: ``"native"``, ``"scaled_mm"``, ``"w8a16"`` or ``"dequant"`` (also where the resolved kernel does not
+    take this weight's shape). Raises :class:`~.gpu.FP8BackendError` like a forward would."""
+    w, s, block = module.weight, module.weight_scale_inv, module.block_size
+    backend = resolve_backend(module.compute, w.device)
+    applies = {
+        "native": lambda: _weight_applies(w, s, block),
+        "scaled_mm": lambda: gpu.scaled_mm_weight_applies(w, block),
+        "w8a16": lambda: gpu.w8a16_weight_applies(w, block),
+    }
+    return backend if backend in applies and applies[backend]() else "dequant"
 
 
 class FP8Linear(nn.Module):
@@ -63,9 +109,10 @@ class FP8Linear(nn.Module):
     Compute (``compute`` attribute, from the config's ``fp8_compute``): ``"dequant"`` block-dequantizes the
     weight to the input's dtype and multiplies with ``F.linear`` (the official demo's default
     ``gemm_impl="bf16"`` path, spec §4.4; in BF16 the weight is rounded to BF16 first, as
-    ``fp8_cast_bf16`` does) -- the reference, used for training and on GPUs. ``"auto"`` uses, for inference
-    on CPU, the native kernel of :mod:`.native` that reads the FP8 weight directly and accumulates in fp32
-    (see :func:`fp8_linear`); where it cannot be built or run, the reference.
+    ``fp8_cast_bf16`` does) -- the reference, and what every backend does under autograd. For inference,
+    ``"native"`` is the CPU kernel of :mod:`.native` (reads the FP8 weight directly, fp32 accumulation),
+    ``"scaled_mm"`` and ``"w8a16"`` the GPU paths of :mod:`.gpu`; ``"auto"`` picks one by the weight's
+    device (:func:`~.gpu.resolve_backend`); :func:`fp8_linear_backend` says which one this module uses.
 
     Casting: ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` leave this module's weight in
     float8 and its scale in float32 (device moves apply as usual). Use ``dequantize_fp8=True`` or
@@ -113,7 +160,9 @@ class FP8Linear(nn.Module):
         return fp8_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block_size, self.bias, self.compute)
+        return fp8_linear(
+            x, self.weight, self.weight_scale_inv, self.block_size, self.bias, self.compute, self.scale_fmt, self.__dict__
+        )
 
     @torch.no_grad()
     def set_dense_weight(self, weight: torch.Tensor, scale_fmt: str | None = None) -> None:

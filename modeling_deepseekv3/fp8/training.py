@@ -25,8 +25,9 @@ model's dtype; the weight gradient is computed in fp32 and handed to the master 
 backward only the FP8 input and its scales are kept, not the high-precision input (the memory the paper saves).
 
 Backends: ``"emulated"`` (any device, the reference twin: real FP8 operands, dequantized per block and
-multiplied in fp32) and ``"cuda"`` (SM89+: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
-BlockWise128x128 scales); ``"auto"`` picks CUDA where it can run. CUDA-specific code is imported on use only.
+multiplied in fp32) and ``"cuda"`` (SM90: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
+BlockWise128x128 scales, through the GEMM wrapper FP8 inference uses, :func:`.gpu.blockwise_scaled_mm`; torch
+implements these scale recipes on SM90 only); ``"auto"`` picks CUDA where it can run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import gpu
 from .format import SCALE_FORMATS, block_dequantize, block_quantize
 from .linear import FP8Linear
 
@@ -102,29 +104,17 @@ def _gemm_emulated(a_q, a_s, a_block, b_q, b_s, b_block, out_dtype):
 
 
 def _gemm_cuda(a_q, a_s, a_block, b_q, b_s, b_block, out_dtype):
-    """The same GEMM on FP8 tensor cores through ``torch.nn.functional.scaled_mm`` (SM89+): BlockWise1x128 for
-    a 1x128-tiled operand, BlockWise128x128 for a weight-blocked one, scales laid out as cuBLAS wants them
-    (1x128 scales outer-dim-major; 128x128 scales with the K-block count padded to a multiple of 4)."""
-    import torch.nn.functional as F
-
-    recipes = {(1, TILE): F.ScalingType.BlockWise1x128, (TILE, TILE): F.ScalingType.BlockWise128x128}
-
-    def layout(scale, block):
-        if block == (1, TILE):
-            return scale.t().contiguous().t()  # (rows, K/128), rows-major in memory
-        pad = -scale.shape[1] % 4
-        return torch.nn.functional.pad(scale, (0, pad)).contiguous() if pad else scale.contiguous()
-
-    return F.scaled_mm(
-        a_q, b_q.t(), layout(a_s, a_block), recipes[a_block], layout(b_s, b_block).t(), recipes[b_block],
-        output_dtype=out_dtype,
+    """The same GEMM on FP8 tensor cores: :func:`.gpu.blockwise_scaled_mm`, the wrapper inference uses too,
+    with the scales laid out for cuBLAS (:func:`.gpu.prepare_scales`). ``a_block`` is always 1x128 here."""
+    return gpu.blockwise_scaled_mm(
+        a_q, gpu.prepare_scales(a_s, a_block), b_q, gpu.prepare_scales(b_s, b_block), b_block, out_dtype
     )
 
 
 def _pick_gemm(recipe: FP8TrainingRecipe, device: torch.device):
     backend = recipe.backend
     if backend == "auto":
-        backend = "cuda" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) else "emulated"
+        backend = "cuda" if gpu.scaled_mm_supported(device) and recipe.tile == TILE else "emulated"
     return _gemm_cuda if backend == "cuda" else _gemm_emulated
 
 
@@ -134,14 +124,15 @@ def check_backend(recipe: FP8TrainingRecipe, device: torch.device) -> None:
         return
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(
-            f"FP8TrainingRecipe(backend='cuda') needs the model on a CUDA GPU with FP8 tensor cores (SM89+), but "
-            f"it is on {device}. Use backend='emulated' (exact, any device) or 'auto'."
+            f"FP8TrainingRecipe(backend='cuda') needs the model on a CUDA GPU with torch's block-scaled FP8 GEMM "
+            f"(Hopper, SM90), but it is on {device}. Use backend='emulated' (exact, any device) or 'auto'."
         )
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9) or recipe.tile != TILE:
+    if not gpu.scaled_mm_supported(device) or recipe.tile != TILE:
+        major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
-            f"FP8TrainingRecipe(backend='cuda'): {torch.cuda.get_device_name(device)} (SM{capability[0]}{capability[1]}) "
-            "has no FP8 tensor cores (SM89+ needed), or the tile is not 128. Use backend='emulated'."
+            f"FP8TrainingRecipe(backend='cuda'): {torch.cuda.get_device_name(device)} (SM{major}{minor}, CUDA "
+            f"{torch.version.cuda}) lacks torch's 1x128 / 128x128 block-scaled scaled_mm (SM90 with CUDA >= 12.9), "
+            f"or the tile is not {TILE}. Use backend='emulated'."
         )
 
 

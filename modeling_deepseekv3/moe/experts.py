@@ -16,6 +16,11 @@ ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference
   expert's parameters keep their identity and names; only their ``.data`` becomes a view into the stack,
   so optimizers, ``state_dict``, saving and autograd see nothing different (an optimizer step writes
   through the views into the stack).
+* **fp8 grouped**: FP8 experts on a CUDA GPU whose ``fp8_compute`` resolves to a GPU backend, during
+  inference: the same re-homing, kept in FP8 (``gate``, ``up`` ``[E, I, D]``, ``down [E, D, I]`` plus their
+  block scales), then three launches of the grouped W8A16 Triton kernel (:func:`~..fp8.gpu.w8a16_grouped_matmul`)
+  over the experts that received rows: no per-expert Python loop, 1 byte per weight read. Stacking costs
+  one layer's expert weights of transient memory, once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fp8 import FP8Linear
+from ..fp8 import gpu as fp8_gpu
+from ..fp8.linear import fp8_linear_backend
 from ..layers import SwiGLUMLP
 
 __all__ = ["RoutedExperts"]
@@ -41,6 +49,9 @@ class RoutedExperts(nn.ModuleList):
         # (gate_up [E, 2I, D], down [E, D, I], data_ptrs of each expert's three weights) once stacked
         self._stack: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]] | None = None
         self._stack_tried = False
+        # FP8: ((gate, up, down) float8 stacks, their scale stacks, data_ptrs of each expert's six tensors)
+        self._fp8_stack = None
+        self._fp8_stack_tried = False
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``x_AD``: rows sorted by expert, ``counts_E[e]`` of them for expert ``e``."""
@@ -48,6 +59,9 @@ class RoutedExperts(nn.ModuleList):
             return x_AD.new_zeros(0, x_AD.shape[-1])
         active = counts_E.nonzero().flatten().tolist()  # the one host sync
         inference = not torch.is_grad_enabled()  # also the no-grad first pass of reentrant checkpointing
+        if inference and self.fp8_grouped_backend(x_AD.device) is not None:
+            if self._fp8_stack_intact(x_AD, active) or (not self._fp8_stack_tried and self.stack_fp8()):
+                return self.run_fp8_grouped(x_AD, counts_E)
         if inference and self._grouped_allowed(x_AD):
             if self._stack_intact(x_AD, active) or (not self._stack_tried and self.stack()):
                 return self._run_stacked(x_AD, counts_E)
@@ -152,6 +166,95 @@ class RoutedExperts(nn.ModuleList):
         h = _GROUPED_MM(x_AD, gate_up.transpose(1, 2), offs=offsets)  # (A, 2I)
         h = self[0].act_fn(h[:, :inter]).mul_(h[:, inter:])  # (A, I)
         return _GROUPED_MM(h, down.transpose(1, 2), offs=offsets)  # (A, D)
+
+    # -- FP8 grouped path -------------------------------------------------------------------------------
+    def fp8_grouped_backend(self, device: torch.device) -> str | None:
+        """``"w8a16_grouped"`` where the FP8 grouped path runs on ``device`` (module docstring), else None:
+        ``moe_grouped_experts`` on, FP8 experts on this CUDA device whose ``fp8_compute`` resolves to
+        "scaled_mm" or "w8a16", and Triton installed. (The grouped kernel is W8A16 for both: a grouped
+        block-scaled FP8 x FP8 GEMM is future work.)"""
+        if not self.grouped or device.type != "cuda":  # (expert parallelism turns grouping off: experts 0.. may be remote)
+            return None
+        probe = self[0].gate_proj
+        if not isinstance(probe, FP8Linear):
+            return None
+        if probe.weight.device != device or not fp8_gpu.triton_available():
+            return None
+        if fp8_linear_backend(probe) not in ("scaled_mm", "w8a16"):
+            return None
+        return "w8a16_grouped"
+
+    @torch.no_grad()
+    def stack_fp8(self) -> bool:
+        """Re-home the FP8 expert weights and scales into stacks (FP8 kept; parameters become views, names and
+        saving unchanged). Returns False and changes nothing unless every expert is a hook-free ``FP8Linear``
+        trio without bias, all on one device with one block size. Tried once automatically; again only
+        after the stack went stale."""
+        self._fp8_stack_tried = True
+        self._fp8_stack = None
+        projs = ("gate_proj", "up_proj", "down_proj")
+        first = self[0]
+        if not all(_is_plain_fp8_expert(e, first.gate_proj) for e in self):
+            return False
+        codes, scales, ptrs = [], [], [[] for _ in self]
+        for name in projs:
+            ref = getattr(first, name)
+            w_stack = ref.weight.new_empty(len(self), *ref.weight.shape)  # (E, N, K) float8
+            s_stack = ref.weight_scale_inv.new_empty(len(self), *ref.weight_scale_inv.shape)  # (E, Nb, Kb)
+            for i, expert in enumerate(self):
+                proj = getattr(expert, name)
+                w_stack[i].copy_(proj.weight)
+                s_stack[i].copy_(proj.weight_scale_inv)
+                proj.weight.data = w_stack[i]
+                proj.weight_scale_inv.data = s_stack[i]
+                ptrs[i] += [proj.weight.data_ptr(), proj.weight_scale_inv.data_ptr()]
+            codes.append(w_stack)
+            scales.append(s_stack)
+        self._fp8_stack = (codes, scales, ptrs)
+        return True
+
+    def _fp8_stack_intact(self, x: torch.Tensor, active: list[int]) -> bool:
+        if self._fp8_stack is None:
+            return False
+        codes, _, ptrs = self._fp8_stack
+        if codes[0].device != x.device:
+            self._fp8_stack, self._fp8_stack_tried = None, False
+            return False
+        for e in active:
+            expert = self[e]
+            if not _is_plain_fp8_expert(expert, expert.gate_proj) or [
+                t.data_ptr() for p in (expert.gate_proj, expert.up_proj, expert.down_proj)
+                for t in (p.weight, p.weight_scale_inv)
+            ] != ptrs[e]:
+                self._fp8_stack, self._fp8_stack_tried = None, False
+                return False
+        return True
+
+    def run_fp8_grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The stacked FP8 experts on rows sorted by expert: three grouped W8A16 launches (any device the
+        kernel runs on: CUDA, or CPU tensors under Triton's interpreter, which is how it is tested)."""
+        (gate, up, down), (gate_s, up_s, down_s), _ = self._fp8_stack
+        block = self[0].gate_proj.block_size
+        g_AI = fp8_gpu.w8a16_grouped_matmul(x_AD, gate, gate_s, counts_E, block)  # (A, I)
+        u_AI = fp8_gpu.w8a16_grouped_matmul(x_AD, up, up_s, counts_E, block)  # (A, I)
+        h_AI = self[0].act_fn(g_AI).mul_(u_AI)
+        return fp8_gpu.w8a16_grouped_matmul(h_AI, down, down_s, counts_E, block)  # (A, D)
+
+
+def _is_plain_fp8_expert(expert: nn.Module, ref: FP8Linear) -> bool:
+    """Three bias-free ``FP8Linear`` projections, no hooks of any kind, on ``ref``'s device with its block size."""
+    if expert._forward_hooks or expert._forward_pre_hooks or hasattr(expert, "_hf_hook"):
+        return False
+    for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
+        if type(proj) is not FP8Linear or proj.bias is not None or hasattr(proj, "_hf_hook"):
+            return False
+        if proj._forward_hooks or proj._forward_pre_hooks or proj.block_size != ref.block_size:
+            return False
+        if proj.weight.device != ref.weight.device or proj.weight.is_meta:
+            return False
+        if type(proj.weight.data) is not torch.Tensor:  # a sharded DTensor under tp_plan
+            return False
+    return True
 
 
 def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:
