@@ -11,6 +11,7 @@ training losses in ``training/losses.py``; this file only wires them into transf
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from .checkpoint.save import save_official
 from .configuration import RUNTIME_MODEL_TYPE, DeepseekV3PluginConfig, KimiK2Config
 from .decoder import DeepseekV3DecoderLayer
 from .fp8 import FP8Linear
+from .fp8.linear import fp8_linear_backend
 from .integrations import peft_hook
 from .layers import RMSNorm
 from .moe import TopkRouter
@@ -85,6 +87,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MLAttention", "SwiGLUMLP", "TopkRouter"]
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     _supports_sdpa = True
+    # padding-free batches (position_ids restarts, cu_seq_lens_*) are kept apart: transformers' tests read this
+    # flag as "follows the new attention-mask API". _can_compile_fullgraph stays False: the routed experts'
+    # dispatch has data-dependent shapes, so the forward does not compile to one graph.
+    _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
     _can_record_outputs = {
         "hidden_states": DeepseekV3DecoderLayer,
@@ -158,6 +164,42 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     # ---- FP8 helpers --------------------------------------------------------------------------------
     def fp8_modules(self) -> dict[str, FP8Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, FP8Linear)}
+
+    def fp8_backend(self) -> dict[str, str]:
+        """How each kind of FP8 linear computes for inference, where its weights are now: module names with
+        layer and expert indices replaced by ``*`` (``"model.layers.*.mlp.experts.*.down_proj"``) mapped to
+        ``"native"``, ``"scaled_mm"``, ``"w8a16"``, ``"w8a16_grouped"`` (routed experts as grouped kernels)
+        or ``"dequant"``; ``"a|b"`` where modules of one kind differ (some layers on another device). Empty
+        for a model without FP8 weights. Raises :class:`~.fp8.gpu.FP8BackendError` when ``fp8_compute``
+        names a backend the weights' device cannot run (as the forward would). Set ``fp8_compute`` to
+        change it (``from_pretrained(..., fp8_compute=...)`` or ``set_fp8_compute``)."""
+        from .moe.experts import RoutedExperts
+
+        grouped = {}
+        for name, module in self.named_modules():
+            if isinstance(module, RoutedExperts):
+                device = module[0].gate_proj.weight.device if isinstance(module[0].gate_proj, FP8Linear) else None
+                if device is not None and module.fp8_grouped_backend(device):
+                    grouped[name + "."] = "w8a16_grouped"
+        kinds: dict[str, set[str]] = {}
+        for name, module in self.fp8_modules().items():
+            backend = next((b for prefix, b in grouped.items() if name.startswith(prefix)), None)
+            kind = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+            kinds.setdefault(kind, set()).add(backend or fp8_linear_backend(module))
+        return {kind: "|".join(sorted(b)) for kind, b in kinds.items()}
+
+    def set_fp8_compute(self, mode: str) -> DeepseekV3PreTrainedModel:
+        """Switch every FP8 linear's backend (``fp8_compute``, see the config) after loading; validated now
+        against the weights' devices. Returns the model."""
+        from .fp8.gpu import resolve_backend
+
+        modules = self.fp8_modules().values()
+        for device in {m.weight.device for m in modules}:
+            resolve_backend(mode, device)  # raises, naming the device, before anything changes
+        for module in modules:
+            module.compute = mode
+        self.config.fp8_compute = mode
+        return self
 
     @torch.no_grad()
     def dequantize_fp8(self, dtype: torch.dtype | None = None) -> DeepseekV3PreTrainedModel:
@@ -264,6 +306,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     the MTP and balance terms (see :class:`DeepseekV3CausalLMOutput`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers shards the embedding over the vocabulary whenever a TP plan exists: the head goes with it
+    # (a tied head IS the embedding's weight), its logits gathered
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DeepseekV3PluginConfig):
         super().__init__(config)

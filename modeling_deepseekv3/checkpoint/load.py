@@ -40,7 +40,8 @@ HEAD_KEYS = ("lm_head.weight",)
 
 
 def _has_mtp_keys(keys, config) -> bool:
-    prefixes = tuple(f"model.layers.{i}." for i in mtp_layer_indices(config))
+    # a causal-LM checkpoint has model.layers.N.*, one saved from DeepseekV3Model has layers.N.*
+    prefixes = tuple(f"{p}layers.{i}." for i in mtp_layer_indices(config) for p in ("model.", ""))
     return any(k.startswith(prefixes) for k in keys)
 
 
@@ -264,6 +265,27 @@ def finalize_loaded_model(model) -> None:
     if model.config.dequantize_fp8 and model.config.is_fp8:
         model.dequantize_fp8()
     compute_cpu_experts_on_cpu(model)
+    report_fp8_backend(model)
+
+
+def report_fp8_backend(model) -> None:
+    """The load report's FP8 line: which backend each kind of FP8 linear computes with (``model.fp8_backend()``).
+    A backend the weights' device cannot run is a warning here (the model may still be moved) and an error at
+    the first forward."""
+    from ..fp8.gpu import FP8BackendError
+
+    if not model.fp8_modules():
+        return
+    try:
+        kinds = model.fp8_backend()
+    except FP8BackendError as err:
+        logger.warning("FP8 compute: %s", err)
+        return
+    counts: dict[str, int] = {}
+    for backend in kinds.values():
+        counts[backend] = counts.get(backend, 0) + 1
+    summary = ", ".join(f"{b} ({n} module kinds)" for b, n in sorted(counts.items()))
+    logger.info("FP8 compute (fp8_compute=%r): %s; model.fp8_backend() lists them.", model.config.fp8_compute, summary)
 
 
 def check_loaded_values(model) -> None:
