@@ -104,8 +104,13 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     Explicit requests are per device, not per shape: a weight whose shape a backend cannot take (say an
     inner dimension not a multiple of 16 for ``scaled_mm``) computes by dequantization, and
     ``model.fp8_backend()`` shows it."""
+    if requested in _CPU_NATIVE and getattr(device, "type", None) == "cpu":  # the per-call hot path on CPU
+        return "native"
     device = torch.device(device)
     return _resolve(requested, device.type, device.index)
+
+
+_CPU_NATIVE = ("auto", "native")
 
 
 @functools.cache
