@@ -69,10 +69,9 @@ INTERNALS: dict[str, str] = {
     "test_moe_parallel_plans_shard_experts": "looks for transformers' fused expert weight names in the TP plan",
     "test_can_init_all_missing_weights": "reads the copyright year in the modeling file's header (skips pre-2023 and"
     " header-less files)",
-    "test_model_rope_scaling_frequencies": "calls transformers' rotary-embedding module API (forward(x, position_ids))"
-    " with linear/dynamic scaling, which DeepSeek-V3 does not use",
-    "test_model_rope_scaling_from_config": "deliberate: rope_scaling linear/dynamic is refused (DeepSeek-V3 uses YaRN"
-    " or none); silently running without scaling was the bug",
+    "test_model_rope_scaling_frequencies": "calls transformers' rotary-embedding module API (forward(x, position_ids),"
+    " an inv_freq tensor attribute, YaRN without original_max_position_embeddings); ours computes"
+    " cos/sin from position ids (linear and dynamic scaling work: test_linear_and_dynamic_rope_scaling_work)",
     "test_model_weights_reload_no_missing_tied_weights": "deliberate: strict loading refuses a checkpoint without the"
     " decoder's weights (CheckpointError names them) instead of"
     " initializing them randomly; only absent heads are initialized",

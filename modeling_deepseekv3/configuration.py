@@ -347,11 +347,9 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
                     f"for YaRN, got {omp!r}."
                 )
         else:
-            rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-            if rope_type != "default":
-                raise ValueError(
-                    f"config field `rope_scaling.type` is {rope_type!r}; DeepSeek-V3 models use 'yarn' or none."
-                )
+            from .rope import check_rope_type
+
+            check_rope_type(self)  # default, linear, dynamic (or an error naming the field)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

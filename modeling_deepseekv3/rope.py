@@ -11,6 +11,12 @@ YaRN: frequency slots below ``low`` keep the base frequency, slots above ``high`
 mscale_all_dim)**2`` belongs to the *softmax scale* (it multiplies the whole 192-d logit), which is why
 :func:`softmax_scale` and not the cos/sin carries it; cos/sin carry ``mscale(f, mscale) / mscale(f,
 mscale_all_dim)``, which is 1.0 for every released config. Angles are computed in float32.
+
+Also, for context-extension experiments on top of the released models (transformers' own rope types, same
+meaning): ``linear`` divides every frequency by ``factor`` (position interpolation); ``dynamic`` (NTK-aware)
+keeps the base frequencies up to ``max_position_embeddings`` and beyond that raises the base to
+``base * (factor * L / max_pos - (factor - 1)) ** (D / (D - 2))`` for the longest position L of the call. As
+in transformers, keys already in a cache keep the rotation they were written with.
 """
 
 from __future__ import annotations
@@ -22,30 +28,60 @@ from torch import nn
 
 from .configuration import yarn_get_mscale
 
-__all__ = ["RotaryEmbedding", "apply_rope", "rope_inv_freq", "softmax_scale"]
+__all__ = ["ROPE_TYPES", "RotaryEmbedding", "apply_rope", "dynamic_inv_freq", "rope_inv_freq", "softmax_scale"]
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
-def check_rope_type(config) -> None:
-    """Only YaRN or no scaling: a config edited after validation must not silently lose the scaling it asks for."""
+ROPE_TYPES = ("default", "yarn", "linear", "dynamic")
+
+
+def rope_type(config) -> str:
     rope = config.rope_parameters or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "yarn"):
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def check_rope_type(config) -> None:
+    """Only the rope types implemented here: a config edited after validation must not silently lose the
+    scaling it asks for."""
+    kind = rope_type(config)
+    if kind not in ROPE_TYPES:
         raise ValueError(
-            f"config field `rope_scaling.type` is {rope_type!r}; DeepSeek-V3 models use 'yarn' or none (this "
-            "model would otherwise run without the scaling you asked for)."
+            f"config field `rope_scaling.type` is {kind!r}; this model implements {', '.join(ROPE_TYPES[1:])} or "
+            "none (DeepSeek-V3 models use 'yarn'; it would otherwise run without the scaling you asked for)."
         )
+    if kind in ("linear", "dynamic"):
+        factor = (config.rope_parameters or {}).get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise ValueError(f"config field `rope_scaling.factor` must be a number >= 1 for {kind!r}, got {factor!r}.")
+
+
+def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (D/2,) float64
+
+
+def dynamic_inv_freq(config, seq_len: int) -> torch.Tensor:
+    """``dynamic`` (NTK-aware) inverse frequencies for a call whose longest position is ``seq_len`` (module
+    docstring); the base ones up to ``max_position_embeddings``. float32, CPU."""
+    dim, base, max_pos = config.qk_rope_head_dim, config.rope_theta, config.max_position_embeddings
+    if seq_len > max_pos:
+        factor = float(config.rope_parameters["factor"])
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return _base_inv_freq(dim, base).to(torch.float32)
 
 
 def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[qk_rope_head_dim // 2]`` (float32, CPU) and the cos/sin multiplier."""
+    """Inverse frequencies ``[qk_rope_head_dim // 2]`` (float32, CPU) and the cos/sin multiplier (for
+    ``dynamic``: those of positions within ``max_position_embeddings``)."""
     check_rope_type(config)
     dim = config.qk_rope_head_dim
     base = config.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = _base_inv_freq(dim, base)
+    kind = rope_type(config)
+    if kind == "linear":
+        return (inv_freq / float(config.rope_parameters["factor"])).to(torch.float32), 1.0
     yarn = config.yarn_parameters
     if yarn is None:
         return inv_freq.to(torch.float32), 1.0
@@ -110,6 +146,7 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = bool(config.rope_interleave)
         self._cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
         check_rope_type(config)  # now, not at the first forward
+        self.dynamic = rope_type(config) == "dynamic"
 
     def inv_freq(self, device: torch.device) -> tuple[torch.Tensor, float]:
         if device not in self._cache:
@@ -119,6 +156,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, attention_scale = self.inv_freq(position_ids.device)
+        if self.dynamic and position_ids.numel():
+            longest = int(position_ids.max()) + 1  # (a host sync, for dynamic scaling only)
+            if longest > self.config.max_position_embeddings:
+                inv_freq = dynamic_inv_freq(self.config, longest).to(position_ids.device)
         angles = position_ids[..., None].float() * inv_freq  # (B, S, D/2)
         cos, sin = angles.cos(), angles.sin()
         if attention_scale != 1.0:

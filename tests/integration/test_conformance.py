@@ -165,9 +165,40 @@ def test_eager_attention_and_output_attentions(tiny_fp8):
 
 def test_unsupported_rope_type_is_an_error_not_a_no_op():
     config = ds.DeepseekV3Config(**TINY_CONFIG)
-    config.rope_scaling = {"type": "linear", "factor": 2.0}
+    config.rope_scaling = {"type": "longrope", "factor": 2.0}
     with pytest.raises(ValueError, match=r"rope_scaling\.type"):
         ds.DeepseekV3ForCausalLM(config)
+    with pytest.raises(ValueError, match=r"rope_scaling\.factor"):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, "rope_scaling": {"type": "linear", "factor": 0.5}})
+
+
+def _rope_variant(rope_scaling):
+    config = ds.DeepseekV3Config(**{**TINY_CONFIG, "rope_scaling": rope_scaling, "max_position_embeddings": 16})
+    torch.manual_seed(0)
+    return ds.DeepseekV3ForCausalLM(config).eval()
+
+
+def test_linear_and_dynamic_rope_scaling_work():
+    """transformers' linear and dynamic (NTK) rope types: linear interpolates every position (position p
+    rotates as p / factor does unscaled); dynamic leaves inputs within max_position_embeddings alone and changes
+    longer ones; both survive a save/reload of the config."""
+    from modeling_deepseekv3.rope import RotaryEmbedding
+
+    base = _rope_variant(None)
+    linear, dynamic = _rope_variant({"type": "linear", "factor": 2.0}), _rope_variant({"type": "dynamic", "factor": 2.0})
+    linear.load_state_dict(base.state_dict())
+    dynamic.load_state_dict(base.state_dict())
+    pos = torch.arange(24)[None]
+    cos_l, sin_l = RotaryEmbedding(linear.config)(pos)
+    cos_b, sin_b = RotaryEmbedding(base.config)(pos[:, ::2] // 2 * 1.0)  # positions 0, 1, ... at half speed
+    torch.testing.assert_close(cos_l[:, ::2], cos_b)
+    torch.testing.assert_close(sin_l[:, ::2], sin_b)
+    short, long = torch.randint(3, 500, (1, 10)), torch.randint(3, 500, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(short).logits, base(short).logits)
+        assert not torch.allclose(dynamic(long).logits, base(long).logits, atol=1e-4)
+        assert not torch.allclose(linear(short).logits, base(short).logits, atol=1e-4)
+    assert ds.DeepseekV3Config.from_dict(linear.config.to_dict()).rope_parameters["rope_type"] == "linear"
 
 
 def test_causal_lm_from_a_base_model_checkpoint(tiny_bf16_direct_q, tmp_path, caplog):
