@@ -269,7 +269,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-json", default=None, help="one JSON object per step to this file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--dp", type=int, default=None,
-                   help="data-parallel ranks (FSDP2); run under torchrun --nproc-per-node N (default: its world size)")
+                   help="data-parallel ranks (default: world size / --pp); alone FSDP2-sharded, with --pp/--ep they "
+                        "hold the weights whole and average gradients; run under torchrun")
     p.add_argument("--pp", type=int, default=None,
                    help="pipeline-parallel ranks (torch.distributed.pipelining); run under torchrun")
     p.add_argument("--pp-schedule", choices=tuple(PIPELINE_SCHEDULES), default="dualpipev",
@@ -279,8 +280,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="dualpipev: run each overlapped forward+backward pair in two threads (the backward's "
                         "all-to-alls on their own communicators)")
     p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel ranks: they split every batch and the routed experts (all-to-all "
-                        "dispatch); with --pp, per pipeline position (world size = pp x ep)")
+                   help="expert-parallel ranks, taken from the data-parallel ones (must divide --dp): each group "
+                        "of N splits the routed experts (all-to-all dispatch)")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the BF16/FP8 exports")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
 

@@ -27,7 +27,7 @@ storages, so it is switched off on sharded models (evaluation takes the per-expe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -51,31 +51,50 @@ class DataParallelError(ValueError):
 
 @dataclass
 class Layout:
-    """Where this process sits in a ``pp x data`` grid of ranks.
+    """Where this process sits in a ``pp x dp`` grid of ranks.
 
-    ``data`` ranks each take a slice of every global batch: FSDP2-sharded (``dp``) or, with ``ep`` > 1, holding
-    the dense weights whole and a share of the routed experts (expert parallelism). ``pp`` pipeline ranks hold
-    consecutive stages. The grid is ``mesh`` (dims ``("pp", "data")``, row-major: ``rank = pp_rank x data +
-    data_rank``); None alone."""
+    The ``dp`` data-parallel ranks of one pipeline position each take a slice of every global batch. Alone
+    (``--dp`` without ``--pp``/``--ep``) they are FSDP2-sharded (``sharded``). Otherwise they hold the weights
+    whole and average their gradients (as DDP does; sharding them there is not implemented), and with ``ep`` > 1
+    they form groups of ``ep`` consecutive data ranks that split the routed experts between them (expert
+    parallelism inside data parallelism, DeepSeek's arrangement), each expert replicated ``dp / ep`` times.
+    ``pp`` pipeline ranks hold consecutive stages. The grid is ``mesh`` (dims ``("pp", "data")``, row-major:
+    ``rank = pp_rank x dp + data_rank``, ``data_rank = replica x ep + ep_rank``); None alone."""
 
     dp: int = 1
     rank: int = 0
     mesh: object | None = None
     pp: int = 1
     ep: int = 1
+    groups: dict = field(default_factory=dict)  # "ep", "replica", "ep_backward": this rank's extra process groups
 
     @property
     def data(self) -> int:
         """Ranks that share one pipeline position and split the batch between them."""
-        return self.ep if self.ep > 1 else self.dp
+        return self.dp
 
     @property
     def data_rank(self) -> int:
-        return self.rank % self.data
+        return self.rank % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // self.data
+        return self.rank // self.dp
+
+    @property
+    def ep_rank(self) -> int:
+        """Position in this rank's expert-parallel group (which share of the experts it holds)."""
+        return self.data_rank % self.ep
+
+    @property
+    def replica(self) -> int:
+        """Which copy of its experts this rank's expert-parallel group is (0 .. dp/ep - 1)."""
+        return self.data_rank // self.ep
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over the data ranks (``--dp`` alone); otherwise data ranks replicate the weights."""
+        return self.dp > 1 and self.pp == 1 and self.ep == 1
 
     @property
     def data_group(self):
@@ -109,9 +128,9 @@ class Layout:
 def init_layout(dp: int | None, pp: int | None = None, ep: int | None = None) -> Layout:
     """Start (or join) the process group torchrun set up and check the requested layout against it.
 
-    ``dp=None`` takes what ``pp`` x ``ep`` leave of the world size. Raises :class:`DataParallelError` naming the
-    fix -- on every rank, before any work -- for a layout outside torchrun and for a world size it does not
-    account for."""
+    ``dp=None`` takes what ``pp`` leaves of the world size; ``ep`` must divide ``dp``. Raises
+    :class:`DataParallelError` naming the fix -- on every rank, before any work -- for a layout outside torchrun
+    and for a world size it does not account for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pp, ep = pp or 1, ep or 1
     for flag, value in (("--dp", dp), ("--pp", pp), ("--ep", ep)):
@@ -120,30 +139,26 @@ def init_layout(dp: int | None, pp: int | None = None, ep: int | None = None) ->
     flags = " ".join(f"{f} {v}" for f, v in (("--pp", pp), ("--ep", ep), ("--dp", dp)) if v not in (None, 1))
     if world == 1:
         if flags:
-            n = pp * ep * (dp or 1)
+            n = pp * max(dp or 1, ep)
             raise DataParallelError(
                 f"{flags} needs {n} processes: run under torchrun, e.g. `torchrun --nproc-per-node {n} -m "
                 f"modeling_deepseekv3 pretrain ... {flags}`."
             )
         return Layout()
-    if ep > 1 and dp not in (None, 1):
+    if dp is None:
+        if world % pp:
+            raise DataParallelError(f"--pp {pp} does not divide the world size {world} torchrun started.")
+        dp = world // pp
+    if pp * dp != world:
+        what = "--dp" if pp == 1 else "--pp x --dp"
         raise DataParallelError(
-            f"--ep {ep} with --dp {dp}: FSDP over expert-parallel ranks is not implemented yet. With --ep N the N "
-            "ranks already split every batch (data parallel for the dense weights); leave --dp out."
+            f"{flags} needs {pp * dp} processes ({what}), but torchrun started {world}; make --nproc-per-node x "
+            "nodes equal the product, or leave --dp out (it takes the rest of the world size)."
         )
-    if pp > 1 and dp not in (None, 1):
-        raise DataParallelError(f"--pp {pp} with --dp {dp}: pipeline and data parallelism (FSDP) together are not "
-                                "implemented yet; use --pp with --ep, or one of them.")
-    data = ep if ep > 1 else (dp if dp is not None else world // pp)
-    if pp * data != world:
-        if pp == 1 and ep == 1:
-            raise DataParallelError(
-                f"--dp {dp} does not match the world size {world} torchrun started (--dp must equal "
-                "--nproc-per-node x nodes, or be left out)."
-            )
+    if dp % ep:
         raise DataParallelError(
-            f"{flags} needs {pp * data} processes (--pp x --ep), but torchrun started {world}; make "
-            "--nproc-per-node x nodes equal the product."
+            f"--ep {ep} must divide the {dp} data-parallel ranks (world size {world} / --pp {pp}): expert-parallel "
+            "groups are made of data-parallel ranks. Start more processes or lower --ep."
         )
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -152,8 +167,26 @@ def init_layout(dp: int | None, pp: int | None = None, ep: int | None = None) ->
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    mesh = init_device_mesh(device, (pp, data), mesh_dim_names=("pp", "data"))
-    return Layout(dp=1 if ep > 1 else data, pp=pp, ep=ep, rank=dist.get_rank(), mesh=mesh)
+    mesh = init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "data"))
+    layout = Layout(dp=dp, pp=pp, ep=ep, rank=dist.get_rank(), mesh=mesh)
+    if ep > 1:  # every rank creates every group, in the same order
+        for key, members in (("ep", _ep_groups(pp, dp, ep)), ("ep_backward", _ep_groups(pp, dp, ep)),
+                             ("replica", _replica_groups(pp, dp, ep))):
+            for ranks in members:
+                group = dist.new_group(ranks)
+                if layout.rank in ranks:
+                    layout.groups[key] = group
+    return layout
+
+
+def _ep_groups(pp: int, dp: int, ep: int) -> list[list[int]]:
+    """Ranks that split one copy of the experts: ``ep`` consecutive data ranks of one pipeline position."""
+    return [[row * dp + start + e for e in range(ep)] for row in range(pp) for start in range(0, dp, ep)]
+
+
+def _replica_groups(pp: int, dp: int, ep: int) -> list[list[int]]:
+    """Ranks holding the same experts: one per expert-parallel group of a pipeline position."""
+    return [[row * dp + r * ep + e for r in range(dp // ep)] for row in range(pp) for e in range(ep)]
 
 
 def check_same_on_every_rank(layout: Layout, facts: dict) -> None:
@@ -198,7 +231,7 @@ def _touch_idle_experts(module, args, output):
 def apply_data_parallel(model, layout: Layout):
     """Shard ``model`` over ``layout``'s ranks with FSDP2: one unit per main decoder layer, then the root. The
     model must already hold its initial weights (the same on every rank: same seed). Returns the model."""
-    if layout.dp == 1:
+    if not layout.sharded:
         return model
     from torch.distributed.fsdp import fully_shard
 

@@ -1,10 +1,13 @@
-"""Expert parallelism for training: ``pretrain --ep N`` under ``torchrun``, applied from outside the model.
+"""Expert parallelism for training: ``pretrain --ep N`` under ``torchrun``, applied from outside the model; and the
+gradient averaging of data ranks that hold whole weights (``--ep``, ``--pp``).
 
 Shape-suffix legend: T = tokens, D = hidden size, K = experts per token, A = assignments (rows), E = routed
 experts, L = experts held per rank (E / N), R = expert-parallel ranks.
 
-The N ranks split every global batch between them (data parallel for the dense weights, which each rank holds
-whole) and each holds 1/N of every MoE layer's routed experts: rank r owns experts ``[r L, (r + 1) L)``. Each
+The N ranks of an expert-parallel group -- N consecutive data-parallel ranks; with ``--dp D`` there are D / N
+groups, each holding a copy of the experts -- split every global batch between them (data parallel for the
+dense weights, which each rank holds whole) and each holds 1/N of every MoE layer's routed experts: the rank at
+position r of its group owns experts ``[r L, (r + 1) L)``. Each
 MoE layer's dispatcher (:class:`ExpertParallelDispatcher`, put into the model's dispatch seam
 ``mlp.dispatcher``) sorts the local token-expert assignments by expert -- which also groups them by owning
 rank --, sends every row to its expert's owner with one all-to-all, and brings the outputs back with another;
@@ -14,9 +17,10 @@ counts_E)`` receives rows sorted by expert and counts that are zero for the expe
 
 Gradients, as one process would compute them for the same global batch (tested against it):
 
-* a held expert's gradient arrives summed over the rows of every rank (the all-to-all's backward sends the row
-  gradients home), so it is divided by N -- each rank's loss is the mean over its 1/N of the batch;
-* the dense weights' gradients are averaged over the N ranks (:func:`sync_gradients`, one flat all-reduce).
+* a held expert's gradient arrives summed over the rows of every rank of its group (the all-to-all's backward
+  sends the row gradients home), is summed over the expert's replicas, and divided by the number of data ranks
+  -- each rank's loss is the mean over its share of the batch;
+* the dense weights' gradients are averaged over the data ranks (:func:`sync_gradients`, one flat all-reduce).
 
 Expert modules a rank does not hold are replaced by :class:`RemoteExpert` (no parameters): parameter names stay
 the single-process ones, so checkpoints (``torch.distributed.checkpoint``) resume on any layout and the
@@ -40,6 +44,7 @@ __all__ = [
     "RemoteExpert",
     "apply_expert_parallel",
     "expert_parameters",
+    "replicated_parameters",
     "sync_gradients",
 ]
 
@@ -142,18 +147,15 @@ def apply_expert_parallel(model, layout):
     if n_experts % ep:
         raise ExpertParallelError(f"--ep {ep}: the model's {n_experts} routed experts do not divide over {ep} ranks; "
                                   f"choose --ep among the divisors of {n_experts}.")
-    per_rank, mine = n_experts // ep, layout.data_rank
-    # a second communicator per expert-parallel group, for the backward's all-to-alls (every rank creates every
-    # group, in the same order)
-    data = layout.data
-    backward_groups = [dist.new_group([row * data + d for d in range(data)]) for row in range(layout.pp)]
-    backward_group = backward_groups[layout.pp_rank]
+    per_rank, mine = n_experts // ep, layout.ep_rank
+    # (the backward's all-to-alls use a second communicator of the same ranks: see _AllToAll)
+    group, backward_group = layout.groups["ep"], layout.groups["ep_backward"]
     for moe in _moe_layers(model):
         moe.experts.grouped = False  # the stacked inference buffers would need every expert
         for e in range(n_experts):
             if e // per_rank != mine:
                 moe.experts[e] = RemoteExpert(e, e // per_rank)
-        moe.dispatcher = ExpertParallelDispatcher(n_experts, ep, mine, layout.data_group, backward_group)
+        moe.dispatcher = ExpertParallelDispatcher(n_experts, ep, mine, group, backward_group)
     return model
 
 
@@ -164,29 +166,49 @@ def expert_parameters(model) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
 
 
-def sync_gradients(model, layout) -> None:
-    """Make this rank's gradients the single-process ones (module docstring): dense gradients averaged over the
-    data ranks in one flat all-reduce (a parameter without a gradient on some rank counts as zero there and gets
-    one only where any rank had one), held experts' gradients divided by the number of ranks."""
-    if layout.ep == 1:
-        return
+def replicated_parameters(model, layout) -> set[int]:
+    """``id``s of the parameters held here whose gradient norm another rank counts: every replica but one
+    (dense weights: data rank 0 counts them; experts: the first copy of the group)."""
     experts = expert_parameters(model)
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    dense = [p for p in params if id(p) not in experts]
-    for p in params:
-        if id(p) in experts and p.grad is not None:
-            p.grad.div_(layout.ep)
-    if not dense:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {id(p) for p in params if id(p) not in experts} if layout.data_rank != 0 else set()
+    if layout.replica != 0:
+        out |= {id(p) for p in params if id(p) in experts}
+    return out
+
+
+def sync_gradients(model, layout) -> None:
+    """Make this rank's gradients the single-process ones (module docstring) where data ranks hold whole weights:
+    dense gradients averaged over the data ranks, held experts' gradients summed over their replicas and
+    divided by the number of data ranks. Flat all-reduces; a parameter without a gradient on some rank counts as
+    zero there and gets one only where any rank had one."""
+    if layout.data == 1 or layout.sharded:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in dense]
-                     + [torch.tensor([float(p.grad is not None) for p in dense])])
-    dist.all_reduce(flat, group=layout.data_group)
-    seen = flat[-len(dense):]
+    experts = expert_parameters(model) if layout.ep > 1 else set()  # (without --ep experts are dense weights)
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    _average(([p for p in params if id(p) not in experts]), layout.data_group, layout.data)
+    expert_params = [p for p in params if id(p) in experts]
+    if layout.dp > layout.ep > 1:
+        _average(expert_params, layout.groups["replica"], layout.data)
+    else:
+        for p in expert_params:
+            if p.grad is not None:
+                p.grad.div_(layout.data)
+
+
+def _average(params: list, group, divisor: int) -> None:
+    """``grad = sum over group of grad / divisor``, one flat all-reduce (missing gradients count as zero)."""
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params])])
+    dist.all_reduce(flat, group=group)
+    seen = flat[-len(params):]
     start = 0
-    for p, has in zip(dense, seen.tolist()):
+    for p, has in zip(params, seen.tolist()):
         n = p.numel()
         if has:
-            g = flat[start : start + n].view_as(p).div_(layout.ep).to(p.dtype)
+            g = flat[start : start + n].view_as(p).div_(divisor).to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()
             else:

@@ -249,7 +249,7 @@ def pretrain(args: PretrainArgs) -> dict:
         stages = num_stages(args.pp_schedule, layout.pp)
     micro = args.micro_batch_size or max(1, args.global_batch_size // (layout.data * stages))
     if micro < 1 or args.global_batch_size % (micro * layout.data):
-        flag = f"--ep {layout.ep}" if layout.ep > 1 else f"--dp {layout.dp}"
+        flag = f"--dp {layout.dp}"  # (the data-parallel ranks: also those of --ep)
         raise PretrainError(
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size {micro} x "
             f"{flag}: each optimizer step accumulates whole micro-batches on every rank."
@@ -375,18 +375,18 @@ def pretrain(args: PretrainArgs) -> dict:
                 f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
                 f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
             )
-        if layout.ep > 1:  # dense gradients averaged over the data ranks, the experts' scaled
-            from ..distributed.expert_parallel import expert_parameters, sync_gradients
+        replicated = layout.data > 1 and not layout.sharded  # data ranks holding whole weights (--pp / --ep)
+        if replicated:  # gradients averaged over the data ranks, experts over their replicas
+            from ..distributed.expert_parallel import replicated_parameters, sync_gradients
 
             sync_gradients(model, layout)
-        if pipeline is not None or layout.ep > 1:  # each parameter's norm counted once over all ranks
+        if pipeline is not None or replicated:  # each parameter's norm counted once over all ranks
             from ..distributed.pipeline import clip_grad_norm_over_ranks
 
             held = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
             uncounted = pipeline.uncounted() if pipeline is not None else set()
-            if layout.ep > 1 and layout.data_rank != 0:  # dense replicas: data rank 0 counts them
-                experts = expert_parameters(model)
-                uncounted |= {id(p) for p in held if id(p) not in experts}
+            if replicated:
+                uncounted |= replicated_parameters(model, layout)
             grad_norm = clip_grad_norm_over_ranks(held, args.grad_clip, uncounted)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

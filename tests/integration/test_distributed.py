@@ -126,6 +126,13 @@ def test_ep_resumes_across_layouts(runs, texts, tmp_path, first, then):
     assert_same_run(log(runs / "single"), log(out))
 
 
+def test_ep2_inside_dp4_equals_the_single_process_run(runs, texts, tmp_path):
+    """DeepSeek's arrangement, expert parallelism inside data parallelism: 4 data ranks in 2 expert-parallel groups
+    of 2, each group holding a copy of the experts (their gradients summed over the copies)."""
+    pretrain(texts, tmp_path / "ep2dp4", "--ep", "2", "--dp", "4", "--micro-batch-size", "2", "--no-export", ranks=4)
+    assert_same_run(log(runs / "single"), log(tmp_path / "ep2dp4"))
+
+
 def test_ep_composes_with_fp8_training(texts, tmp_path):
     """FP8 training (emulated recipe) under --ep 2 follows the single-process FP8 run. Not to 1e-5: the weight
     gradient's 128x1 tiles run over an expert's rows, which the all-to-all groups differently."""
@@ -164,13 +171,13 @@ def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
     proc = pretrain(texts, tmp_path / "a", "--dp", "2", check=False)  # not under torchrun
     assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
     proc = pretrain(texts, tmp_path / "b", "--dp", "3", ranks=2, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("does not match the world size 2") == 2  # every rank says so
+    assert proc.returncode != 0 and proc.stderr.count("--dp 3 needs 3 processes (--dp), but torchrun started 2") == 2
     proc = pretrain(texts, tmp_path / "c", "--dp", "2", "--micro-batch-size", "3", ranks=2, check=False)
     assert proc.returncode != 0 and "not divisible by --micro-batch-size 3 x --dp 2" in proc.stderr
     proc = pretrain(texts, tmp_path / "d", "--ep", "4", ranks=2, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("needs 4 processes (--pp x --ep), but torchrun started 2") == 2
-    proc = pretrain(texts, tmp_path / "e", "--ep", "2", "--dp", "2", ranks=2, check=False)
-    assert proc.returncode != 0 and "FSDP over expert-parallel ranks is not implemented" in proc.stderr
+    assert proc.returncode != 0 and proc.stderr.count("--ep 4 must divide the 2 data-parallel ranks") == 2
+    proc = pretrain(texts, tmp_path / "e", "--ep", "2", "--dp", "4", ranks=2, check=False)
+    assert proc.returncode != 0 and "needs 4 processes (--dp), but torchrun started 2" in proc.stderr
     proc = pretrain(texts, tmp_path / "f", "--ep", "2", check=False)  # not under torchrun
     assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
     assert not (tmp_path / "c" / "checkpoints").exists()
@@ -265,6 +272,9 @@ def pp_runs(texts, four_layers, tmp_path_factory):
     # 2 pipelines of 2 stages; the 2 ranks of each position split the batch and the experts
     pretrain(texts, root / "pp2xep2", "--model-config", str(four_layers), "--micro-batch-size", "1", "--pp", "2",
              "--ep", "2", ranks=4)
+    # 2 pipelines (1F1B) whose data ranks hold the weights whole and average their gradients
+    pretrain(texts, root / "pp2xdp2", "--model-config", str(four_layers), "--micro-batch-size", "2", "--pp", "2",
+             "--dp", "2", "--pp-schedule", "1f1b", ranks=4)
     # DualPipeV's overlapped pairs in two threads, each direction's all-to-alls on its own communicator
     pretrain(texts, root / "pp2xep2-overlap", "--model-config", str(four_layers), "--micro-batch-size", "1", "--pp",
              "2", "--ep", "2", "--pp-overlap", ranks=4)
@@ -274,12 +284,12 @@ def pp_runs(texts, four_layers, tmp_path_factory):
 PP_SCHEDULES = ("dualpipev", "zbv", "1f1b", "gpipe", "interleaved1f1b")
 
 
-@pytest.mark.parametrize("schedule", [*PP_SCHEDULES, "pp2xep2", "pp2xep2-overlap"])
+@pytest.mark.parametrize("schedule", [*PP_SCHEDULES, "pp2xep2", "pp2xep2-overlap", "pp2xdp2"])
 def test_pp2_equals_the_single_process_run(pp_runs, schedule):
     """torch.distributed.pipelining, 4 micro-batches: V placement (dualpipev, zbv: 4 stages on 2 ranks), one stage
     per rank (1f1b, gpipe: the MTP layer on rank 1 with a replica of the embedding whose gradient the two ranks
     sum), looped (interleaved1f1b); and 2 x 2 ranks of pipeline x expert parallelism, also with DualPipeV's
-    overlapped forward+backward pairs run in two threads. The same losses (MTP on the
+    overlapped forward+backward pairs run in two threads, and of pipeline x (replicated) data parallelism. The same losses (MTP on the
     last stage, balance losses injected where their layers run), gradient norms, expert loads and evaluation."""
     single, piped = log(pp_runs / "single"), log(pp_runs / schedule)
     assert_same_run(single, piped)
@@ -309,7 +319,7 @@ def test_pp_resumes_across_layouts(pp_runs, texts, four_layers, tmp_path, first,
 
 @pytest.mark.parametrize("extra,match", [
     (["--pp-schedule", "zbv", "--micro-batch-size", "4"], "needs at least 4 micro-batches"),
-    (["--dp", "2"], "pipeline and data parallelism (FSDP) together are not implemented"),
+    (["--dp", "2"], "needs 4 processes (--pp x --dp), but torchrun started 2"),
     (["--pp-schedule", "1f1b", "--pp-overlap"], "--pp-schedule 1f1b has none"),
 ])
 def test_bad_pipeline_layouts_are_refused(texts, four_layers, tmp_path, extra, match):
