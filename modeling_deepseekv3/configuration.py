@@ -347,8 +347,6 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
                     f"for YaRN, got {omp!r}."
                 )
         else:
-            from .rope import check_rope_type
-
             check_rope_type(self)  # default, linear, dynamic (or an error naming the field)
 
     # ------------------------------------------------------------------------------------------
@@ -399,6 +397,30 @@ def _normalize_fp8_config(quant: dict) -> dict:
             f"config field `quantization_config.scale_fmt` is {scale_fmt!r}; expected null or 'ue8m0' (V3.1)."
         )
     return quant
+
+
+# rope types the model implements (rope.py): YaRN for the released models; linear and dynamic as in transformers
+ROPE_TYPES = ("default", "yarn", "linear", "dynamic")
+
+
+def rope_type(config) -> str:
+    rope = config.rope_parameters or {}
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def check_rope_type(config) -> None:
+    """Only the rope types implemented here: a config edited after validation must not silently lose the
+    scaling it asks for."""
+    kind = rope_type(config)
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"config field `rope_scaling.type` is {kind!r}; this model implements {', '.join(ROPE_TYPES[1:])} or "
+            "none (DeepSeek-V3 models use 'yarn'; it would otherwise run without the scaling you asked for)."
+        )
+    if kind in ("linear", "dynamic"):
+        factor = (config.rope_parameters or {}).get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise ValueError(f"config field `rope_scaling.factor` must be a number >= 1 for {kind!r}, got {factor!r}.")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

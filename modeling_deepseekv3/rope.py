@@ -26,36 +26,13 @@ import math
 import torch
 from torch import nn
 
-from .configuration import yarn_get_mscale
+from .configuration import ROPE_TYPES, check_rope_type, rope_type, yarn_get_mscale
 
 __all__ = ["ROPE_TYPES", "RotaryEmbedding", "apply_rope", "dynamic_inv_freq", "rope_inv_freq", "softmax_scale"]
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-
-ROPE_TYPES = ("default", "yarn", "linear", "dynamic")
-
-
-def rope_type(config) -> str:
-    rope = config.rope_parameters or {}
-    return rope.get("rope_type", rope.get("type", "default"))
-
-
-def check_rope_type(config) -> None:
-    """Only the rope types implemented here: a config edited after validation must not silently lose the
-    scaling it asks for."""
-    kind = rope_type(config)
-    if kind not in ROPE_TYPES:
-        raise ValueError(
-            f"config field `rope_scaling.type` is {kind!r}; this model implements {', '.join(ROPE_TYPES[1:])} or "
-            "none (DeepSeek-V3 models use 'yarn'; it would otherwise run without the scaling you asked for)."
-        )
-    if kind in ("linear", "dynamic"):
-        factor = (config.rope_parameters or {}).get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-            raise ValueError(f"config field `rope_scaling.factor` must be a number >= 1 for {kind!r}, got {factor!r}.")
 
 
 def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
