@@ -1,4 +1,6 @@
-"""Data parallelism for training: FSDP2 ``fully_shard`` at decoder-layer granularity, applied from outside.
+"""Data parallelism for training: FSDP2 ``fully_shard`` at decoder-layer granularity, applied from outside; and
+the ``pp x dp`` grid of ranks (:class:`Layout`) that pipeline and expert parallelism share. (With ``--pp`` or
+``--ep``, data ranks hold whole weights and average their gradients instead: :mod:`.expert_parallel`.)
 
 ``deepseek-v3 pretrain --dp N`` under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPUs) runs the same
 loop as one process: each rank takes its slice of every global batch, FSDP2 averages the gradients, and the

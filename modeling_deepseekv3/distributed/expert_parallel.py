@@ -24,8 +24,8 @@ Gradients, as one process would compute them for the same global batch (tested a
 
 Expert modules a rank does not hold are replaced by :class:`RemoteExpert` (no parameters): parameter names stay
 the single-process ones, so checkpoints (``torch.distributed.checkpoint``) resume on any layout and the
-exported model is the one a single process trains. Under ``--pp`` the data ranks of one pipeline position form
-the expert-parallel group; all of them run the same schedule, so their all-to-alls pair in order.
+exported model is the one a single process trains. Under ``--pp`` the expert-parallel groups are made of the
+data ranks of one pipeline position; all of them run the same schedule, so their all-to-alls pair in order.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ any layout. Gradients are averaged over micro-batches once per parameter (the em
 on rank 0 under V placement) and clipped by the norm over all ranks, each parameter counted once, as one
 process would.
 
-With ``--ep`` the ranks form a ``pp x ep`` grid: each pipeline (a column of the grid) takes 1/ep of the batch,
-and the ranks of one pipeline position shard the routed experts of their layers between them
+With ``--dp`` (or ``--ep``) the ranks form a ``pp x dp`` grid: each pipeline (a column of the grid) takes 1/dp
+of the batch, holds its stages' weights whole and averages their gradients with the other pipelines; with
+``--ep`` groups of ranks of one pipeline position shard the routed experts of their layers between them
 (:mod:`.expert_parallel`); every pipeline runs the same schedule, so the all-to-alls of one position pair up in
 order.
 
