@@ -11,6 +11,8 @@ training losses in ``training/losses.py``; this file only wires them into transf
 
 from __future__ import annotations
 
+import contextvars
+import os
 import re
 from dataclasses import dataclass
 
@@ -38,6 +40,9 @@ from .moe import TopkRouter
 from .mtp import DeepseekV3MTPLayer
 from .rope import RotaryEmbedding
 from .training import losses
+
+# expert-parallel inference asked for by the from_pretrained call in progress (1: none); read when the skeleton exists
+_PENDING_EXPERT_PARALLEL = contextvars.ContextVar("deepseekv3_pending_expert_parallel", default=1)
 
 __all__ = [
     "DeepseekV3CausalLMOutput",
@@ -133,10 +138,29 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         checked (missing or truncated shards fail here, naming the file). After the model skeleton
         exists, every expected tensor is checked against the shard headers (missing keys, FP8 weights
         without ``weight_scale_inv``, wrong shapes or dtypes) -- so no half-built model is returned.
-        ``load_mtp`` defaults to loading the MTP layer only when the checkpoint has it."""
+        ``load_mtp`` defaults to loading the MTP layer only when the checkpoint has it.
+
+        ``distributed_config=DistributedConfig(tp_size=N, ep_size=N, tp_plan={})`` under torchrun: expert
+        parallelism for inference -- each rank loads and runs only its 1/N of every MoE layer's routed experts
+        (the others are never read from disk), the dense modules are replicated, and every rank must run the same
+        batch (the partial expert outputs are summed over the ranks). ``tp_plan="auto"`` is transformers' tensor
+        parallelism on the plan the config declares."""
+        ep = 1
+        if kwargs.get("distributed_config") is not None:
+            from .distributed.expert_parallel import expert_parallel_inference_ranks
+
+            ep = expert_parallel_inference_ranks(kwargs["distributed_config"])
+            if ep > 1:  # ours, not transformers' EP plans (which shard fused expert tensors we do not have)
+                kwargs.pop("distributed_config")
+                if torch.cuda.is_available() and kwargs.get("device_map") is None:
+                    kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         kwargs = checkpoint_load.prepare_from_pretrained(cls, pretrained_model_name_or_path, kwargs)
         deferred_4bit = kwargs.pop("_deferred_4bit", None)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        token = _PENDING_EXPERT_PARALLEL.set(ep)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            _PENDING_EXPERT_PARALLEL.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         checkpoint_load.finalize_loaded_model(model)
         if deferred_4bit is not None:  # FP8 checkpoint -> QLoRA base: dequantize and 4-bit each projection
@@ -147,6 +171,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        ep = _PENDING_EXPERT_PARALLEL.get()
+        if ep > 1:  # before any weight is read: the other ranks' experts are never loaded here
+            from .distributed.expert_parallel import shard_experts_for_inference
+
+            shard_experts_for_inference(model, ep)
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()),
+                                                        r"mlp\.experts\.\d+\."}
+            if expected_keys is not None:
+                expected_keys = list(model.state_dict().keys())
         if state_dict is None and checkpoint_files:
             checkpoint_load.check_checkpoint_against_model(model, checkpoint_files, load_config)
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
@@ -177,7 +210,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
         grouped = {}
         for name, module in self.named_modules():
-            if isinstance(module, RoutedExperts):
+            if isinstance(module, RoutedExperts) and module.grouped:  # (experts may be remote under parallelism)
                 device = module[0].gate_proj.weight.device if isinstance(module[0].gate_proj, FP8Linear) else None
                 if device is not None and module.fp8_grouped_backend(device):
                     grouped[name + "."] = "w8a16_grouped"

@@ -1,5 +1,6 @@
-"""Expert parallelism for training: ``pretrain --ep N`` under ``torchrun``, applied from outside the model; and the
-gradient averaging of data ranks that hold whole weights (``--ep``, ``--pp``).
+"""Expert parallelism for training: ``pretrain --ep N`` under ``torchrun``, applied from outside the model; the
+gradient averaging of data ranks that hold whole weights (``--ep``, ``--pp``); and expert-parallel inference for
+``from_pretrained(..., distributed_config=DistributedConfig(ep_size=N, ...))`` (end of the module).
 
 Shape-suffix legend: T = tokens, D = hidden size, K = experts per token, A = assignments (rows), E = routed
 experts, L = experts held per rank (E / N), R = expert-parallel ranks.
@@ -42,9 +43,12 @@ __all__ = [
     "ExpertParallelDispatcher",
     "ExpertParallelError",
     "RemoteExpert",
+    "SharedBatchExpertDispatcher",
     "apply_expert_parallel",
+    "expert_parallel_inference_ranks",
     "expert_parameters",
     "replicated_parameters",
+    "shard_experts_for_inference",
     "sync_gradients",
 ]
 
@@ -214,3 +218,71 @@ def _average(params: list, group, divisor: int) -> None:
             else:
                 p.grad.copy_(g)
         start += n
+
+
+# ---------------------------------------------------------------------------------------- inference
+class SharedBatchExpertDispatcher:
+    """Expert-parallel *inference* where every rank of ``group`` runs the same batch (``generate()`` under
+    torchrun, as transformers' ``"all_reduce"`` EP implementation assumes): each rank runs only the rows routed
+    to the experts it holds and the weighted partial outputs are summed over the ranks (one float32 all-reduce
+    per MoE layer). No all-to-all, no duplicated expert work; the dense layers compute on every rank."""
+
+    def __init__(self, num_experts: int, ranks: int, rank: int, group):
+        self.ranks, self.rank, self.group = ranks, rank, group
+        self.per_rank = num_experts // ranks
+        self.local = LocalDispatcher(num_experts)
+
+    def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor):
+        if torch.is_grad_enabled() and x_TD.requires_grad:
+            raise RuntimeError("expert parallelism loaded with distributed_config=DistributedConfig(ep_size=...) is "
+                               "for inference; train with `deepseek-v3 pretrain --ep N`.")
+        x_AD, counts_E, plan = self.local.dispatch(x_TD, idx_TK, weight_TK)  # sorted by expert = by owner
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        start, end = int(counts_E[:lo].sum()), int(counts_E[:hi].sum())  # this rank's experts: one slice
+        mine_E = torch.zeros_like(counts_E)
+        mine_E[lo:hi] = counts_E[lo:hi]
+        mine = DispatchPlan(plan.token_A[start:end], plan.weight_A1[start:end], plan.num_tokens)
+        return x_AD[start:end], mine_E, mine
+
+    def combine(self, y_AD: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+        partial_TD = self.local.combine(y_AD, plan, torch.float32)  # (T, D) this rank's experts' share
+        dist.all_reduce(partial_TD, group=self.group)
+        return partial_TD.to(dtype)
+
+
+def expert_parallel_inference_ranks(distributed_config) -> int:
+    """The expert-parallel size ``from_pretrained(..., distributed_config=...)`` asks for (1: none), checked:
+    experts over all ranks of the run, dense modules replicated. Raises ``ValueError`` naming the fix."""
+    import os
+
+    ep = int(getattr(distributed_config, "ep_size", 1) or 1)
+    if ep == 1:
+        return 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp_plan = getattr(distributed_config, "tp_plan", None)
+    if ep != world or tp_plan not in ({}, None) or (getattr(distributed_config, "pp_size", 1) or 1) > 1:
+        raise ValueError(
+            f"distributed_config ep_size={ep}: this model shards its routed experts over all {world} ranks of the "
+            "run with the dense modules replicated; use DistributedConfig(tp_size=WORLD, ep_size=WORLD, tp_plan={}) "
+            "under torchrun (or tp_plan='auto' for tensor parallelism instead)."
+        )
+    return ep
+
+
+def shard_experts_for_inference(model, ranks: int) -> None:
+    """Keep only this rank's 1/``ranks`` of every MoE layer's routed experts (the others become
+    :class:`RemoteExpert`, so their weights are never loaded) and put :class:`SharedBatchExpertDispatcher` into
+    each layer's dispatch seam. Starts the process group torchrun set up if nobody has."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    n_experts = model.config.n_routed_experts
+    if n_experts % ranks:
+        raise ExpertParallelError(f"ep_size={ranks}: the model's {n_experts} routed experts do not divide over "
+                                  f"{ranks} ranks; choose a divisor of {n_experts}.")
+    per_rank, rank = n_experts // ranks, dist.get_rank()
+    for moe in _moe_layers(model):
+        moe.experts.grouped = False
+        for e in range(n_experts):
+            if e // per_rank != rank:
+                moe.experts[e] = RemoteExpert(e, e // per_rank)
+        moe.dispatcher = SharedBatchExpertDispatcher(n_experts, ranks, rank, dist.group.WORLD)

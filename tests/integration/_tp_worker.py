@@ -13,11 +13,18 @@ import transformers
 import modeling_deepseekv3 as ds
 
 path, report_path = sys.argv[1], sys.argv[2]
+mode = sys.argv[3] if len(sys.argv) > 3 else "tp"
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 report = {}
 try:
-    model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, tp_plan="auto")
+    if mode == "ep":  # expert parallelism: each rank loads and runs half of the routed experts
+        from transformers.distributed import DistributedConfig
+
+        config = DistributedConfig(tp_size=2, ep_size=2, tp_plan={})
+        model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, distributed_config=config)
+    else:
+        model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, tp_plan="auto")
 except ValueError as exc:  # a refused layout: every rank must say so
     report = {"error": str(exc)}
 else:
@@ -25,7 +32,9 @@ else:
     with torch.no_grad():
         logits = model(ids).logits
     tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    report = {"sharded": type(model.model.layers[1].mlp.experts[0].gate_proj.weight).__name__}
+    experts = model.model.layers[1].mlp.experts
+    held = [e for e in range(len(experts)) if type(experts[e]).__name__ != "RemoteExpert"]
+    report = {"held_experts": held} if mode == "ep" else {"sharded": type(experts[0].gate_proj.weight).__name__}
     if dist.get_rank() == 0:
         ref = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
         with torch.no_grad():

@@ -183,12 +183,13 @@ def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
     assert not (tmp_path / "c" / "checkpoints").exists()
 
 
-def tp_run(checkpoint, tmp_path) -> list[dict]:
-    """``tp_plan="auto"`` on 2 gloo ranks (tests/integration/_tp_worker.py); each rank's report."""
-    report = tmp_path / "tp.json"
+def tp_run(checkpoint, tmp_path, mode: str = "tp") -> list[dict]:
+    """``tp_plan="auto"`` (or, ``mode="ep"``, expert parallelism through ``distributed_config``) on 2 gloo ranks
+    (tests/integration/_tp_worker.py); each rank's report."""
+    report = tmp_path / f"{mode}.json"
     worker = Path(__file__).with_name("_tp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
-           str(checkpoint), str(report)]
+           str(checkpoint), str(report), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(Path(f"{report}.{r}").read_text()) for r in (0, 1)]
@@ -204,6 +205,19 @@ def test_tp_plan_auto_equals_single_process(tmp_path, fp8):
                                                                            "moe_intermediate_size": 256})
     rank0, rank1 = tp_run(ckpt, tmp_path)
     assert rank0["sharded"] == rank1["sharded"] == "DTensor"
+    assert rank0["max_diff"] < 1e-4 and rank0["generate_equal"], rank0
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_expert_parallel_inference_through_distributed_config(tmp_path, fp8):
+    """``from_pretrained(..., distributed_config=DistributedConfig(tp_size=2, ep_size=2, tp_plan={}))``: each rank
+    loads only its half of every MoE layer's routed experts; logits and greedy tokens equal one process's."""
+    import modeling_deepseekv3 as ds
+
+    ckpt = ds.make_tiny_checkpoint(tmp_path / "ckpt", fp8=fp8)
+    rank0, rank1 = tp_run(ckpt, tmp_path, mode="ep")
+    n = len(rank0["held_experts"]) + len(rank1["held_experts"])
+    assert set(rank0["held_experts"]).isdisjoint(rank1["held_experts"]) and len(rank0["held_experts"]) == n // 2
     assert rank0["max_diff"] < 1e-4 and rank0["generate_equal"], rank0
 
 
