@@ -104,10 +104,11 @@ class ExpertParallelDispatcher:
         send, recv = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
         x_recv = _AllToAll.apply(x_AD, recv, send, self.group, self.backward_group)  # grouped by source rank, then by expert
         # regroup by expert (then source rank), as the experts read them
-        expert_of_row = torch.arange(self.per_rank).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
+        device = recv_RL.device
+        expert_of_row = torch.arange(self.per_rank, device=device).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
         order = expert_of_row.argsort(stable=True)
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
+        inverse[order] = torch.arange(order.numel(), device=device)
         counts_mine_E = torch.zeros_like(counts_E)
         counts_mine_E[self.rank * self.per_rank : (self.rank + 1) * self.per_rank] = recv_RL.sum(0)
         return x_recv.index_select(0, order), counts_mine_E, _ExpertParallelPlan(plan, inverse, send, recv)
@@ -164,7 +165,7 @@ def apply_expert_parallel(model, layout):
 
 
 def expert_parameters(model) -> set[int]:
-    """``id``s of the routed-expert parameters this rank holds (each held by exactly one data rank)."""
+    """``id``s of the routed-expert parameters this rank holds (each by one rank of every expert-parallel group)."""
     from ..moe.experts import RoutedExperts
 
     return {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
