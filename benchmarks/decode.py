@@ -32,9 +32,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as native_mod
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.attention import MLAttention
-from modeling_deepseekv3.cache import LatentCache
-from modeling_deepseekv3.rope import RotaryEmbedding
+from modeling_deepseekv3.core.attention import MLAttention
+from modeling_deepseekv3.core.cache import LatentCache
+from modeling_deepseekv3.core.rope import RotaryEmbedding
 
 V3_ATTENTION = {
     "hidden_size": 7168, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,

@@ -41,7 +41,7 @@ import transformers
 from timing import StepClock, checked, interleaved, ratio
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.attention import KVBFP8Linear
+from modeling_deepseekv3.core.attention import KVBFP8Linear
 from modeling_deepseekv3.fp8 import FP8Linear, native
 
 ROOT = Path(__file__).resolve().parents[1]

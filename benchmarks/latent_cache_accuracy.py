@@ -77,8 +77,8 @@ def layer_level(context: int) -> None:
     """Relative error of one V3-dims attention layer's decode output, FP8 cache vs full-precision cache."""
     from decode import build_layers
 
-    from modeling_deepseekv3.cache import LatentCache
-    from modeling_deepseekv3.rope import RotaryEmbedding
+    from modeling_deepseekv3.core.cache import LatentCache
+    from modeling_deepseekv3.core.rope import RotaryEmbedding
 
     cfg, _, layer, _ = build_layers(torch.float32)
     rope = RotaryEmbedding(cfg)

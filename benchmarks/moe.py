@@ -21,7 +21,7 @@ from timing import interleaved, ratio
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as native_mod
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.moe import DeepseekV3MoE
+from modeling_deepseekv3.core.moe import DeepseekV3MoE
 
 LAYER = {  # V3's routing (256 experts, top-8, 8 groups / 4 kept, 1 shared) with narrower experts, so the
     # layer fits in RAM twice (ours + native) in fp32

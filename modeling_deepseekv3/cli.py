@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS, PIPELINE_SCHEDULES
+from .core.configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS, PIPELINE_SCHEDULES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 

@@ -25,21 +25,21 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import MLAttention, build_attention_mask, packed_segment_ids
-from .cache import LatentCache, StaticLatentCache
+from .core.attention import MLAttention, build_attention_mask, packed_segment_ids
+from .core.cache import LatentCache, StaticLatentCache
 from .checkpoint import load as checkpoint_load
 from .checkpoint.layout import skipped_mtp_key_patterns
 from .checkpoint.save import save_official
-from .configuration import RUNTIME_MODEL_TYPE, DeepseekV3PluginConfig, KimiK2Config
-from .decoder import DeepseekV3DecoderLayer
+from .core.configuration import RUNTIME_MODEL_TYPE, DeepseekV3PluginConfig, KimiK2Config
+from .core.decoder import DeepseekV3DecoderLayer
 from .fp8 import FP8Linear
 from .fp8.linear import fp8_linear_backend
 from .integrations import peft_hook
-from .layers import RMSNorm
-from .moe import TopkRouter
-from .mtp import DeepseekV3MTPLayer
-from .rope import RotaryEmbedding
-from .training import losses
+from .core.layers import RMSNorm
+from .core.moe import TopkRouter
+from .core.mtp import DeepseekV3MTPLayer
+from .core.rope import RotaryEmbedding
+from .core import losses
 
 # expert-parallel inference asked for by the from_pretrained call in progress (1: none); read when the skeleton exists
 _PENDING_EXPERT_PARALLEL = contextvars.ContextVar("deepseekv3_pending_expert_parallel", default=1)
@@ -206,7 +206,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         for a model without FP8 weights. Raises :class:`~.fp8.gpu.FP8BackendError` when ``fp8_compute``
         names a backend the weights' device cannot run (as the forward would). Set ``fp8_compute`` to
         change it (``from_pretrained(..., fp8_compute=...)`` or ``set_fp8_compute``)."""
-        from .moe.experts import RoutedExperts
+        from .core.moe.experts import RoutedExperts
 
         grouped = {}
         for name, module in self.named_modules():

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import latent_bytes_per_token
+from .core.cache import latent_bytes_per_token
 from .checkpoint.layout import checkpoint_layout
-from .configuration import DeepseekV3PluginConfig
+from .core.configuration import DeepseekV3PluginConfig
 
 __all__ = [
     "STRATEGIES",

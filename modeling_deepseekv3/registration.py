@@ -10,7 +10,7 @@ rest of the process -- transformers' built-in DeepSeek-V3 is then out of reach i
 
 from __future__ import annotations
 
-from .configuration import DeepseekV3PluginConfig, KimiK2Config
+from .core.configuration import DeepseekV3PluginConfig, KimiK2Config
 
 __all__ = ["is_registered", "register"]
 

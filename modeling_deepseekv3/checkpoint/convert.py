@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from ..configuration import DeepseekV3PluginConfig
+from ..core.configuration import DeepseekV3PluginConfig
 from ..fp8.format import FP8_DTYPE, block_dequantize, block_quantize, check_scale_fmt
 from .atomic import publish_directory
 from .headers import (

@@ -293,7 +293,7 @@ def check_loaded_values(model) -> None:
     not finite, a non-finite router bias (both refused, naming the tensor); non-finite norms or router weights
     (warned). Only the small tensors are read: scales are 1/16384 of the weights."""
     from ..fp8 import FP8Linear
-    from ..moe import TopkRouter
+    from ..core.moe import TopkRouter
 
     nonfinite = []
     for name, module in model.named_modules():

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..configuration import DeepseekV3PluginConfig
+from ..core.configuration import DeepseekV3PluginConfig
 from ..fp8 import FP8_DTYPE, block_quantize
 from .atomic import atomic_directory
 from .headers import INDEX_NAME, SCALE_SUFFIX

@@ -210,7 +210,7 @@ def check_same_on_every_rank(layout: Layout, facts: dict) -> None:
 
 
 def _experts_modules(model):
-    from ..moe.experts import RoutedExperts
+    from ..core.moe.experts import RoutedExperts
 
     return [m for m in model.modules() if isinstance(m, RoutedExperts)]
 

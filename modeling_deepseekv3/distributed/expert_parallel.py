@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe.dispatch import DispatchPlan, LocalDispatcher
+from ..core.moe.dispatch import DispatchPlan, LocalDispatcher
 
 __all__ = [
     "ExpertParallelDispatcher",
@@ -87,7 +87,7 @@ class _ExpertParallelPlan:
 
 
 class ExpertParallelDispatcher:
-    """``dispatch``/``combine`` of :class:`~modeling_deepseekv3.moe.dispatch.LocalDispatcher`'s contract across
+    """``dispatch``/``combine`` of :class:`~modeling_deepseekv3.core.moe.dispatch.LocalDispatcher`'s contract across
     the ranks of ``group`` (module docstring)."""
 
     def __init__(self, num_experts: int, ranks: int, rank: int, group, backward_group=None):
@@ -136,7 +136,7 @@ class RemoteExpert(nn.Module):
 
 
 def _moe_layers(model):
-    from ..moe.layer import DeepseekV3MoE
+    from ..core.moe.layer import DeepseekV3MoE
 
     return [m for m in model.modules() if isinstance(m, DeepseekV3MoE)]
 
@@ -166,7 +166,7 @@ def apply_expert_parallel(model, layout):
 
 def expert_parameters(model) -> set[int]:
     """``id``s of the routed-expert parameters this rank holds (each by one rank of every expert-parallel group)."""
-    from ..moe.experts import RoutedExperts
+    from ..core.moe.experts import RoutedExperts
 
     return {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
 

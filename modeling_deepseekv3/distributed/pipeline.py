@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..configuration import PIPELINE_SCHEDULES
+from ..core.configuration import PIPELINE_SCHEDULES
 
 __all__ = [
     "SCHEDULES",
@@ -99,7 +99,7 @@ class _Stage(nn.Module):
 
     def __init__(self, model, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
-        from ..moe import TopkRouter
+        from ..core.moe import TopkRouter
 
         self.layers = nn.ModuleList(model.model.layers[i] for i in layer_ids)
         self.embed_tokens = model.model.embed_tokens if first else None
@@ -189,7 +189,7 @@ class PipelineTrainer:
             model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
         if not (first or self._embedding_replica):
             model.model.embed_tokens = nn.Identity()
-        from ..moe.experts import RoutedExperts
+        from ..core.moe.experts import RoutedExperts
 
         for experts in (m for m in model.modules() if isinstance(m, RoutedExperts)):
             experts.grouped = False  # training only; no re-homing of weights shared with the stage views

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..configuration import FP8_COMPUTE_MODES
+from ..core.configuration import FP8_COMPUTE_MODES
 from .format import FP8_DTYPE, block_quantize
 
 __all__ = [

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..attention import build_attention_mask
-from ..cache import LatentCache, StaticLatentCache
+from ..core.attention import build_attention_mask
+from ..core.cache import LatentCache, StaticLatentCache
 
 __all__ = ["MTPGenerateOutput", "MTPStats", "mtp_decode", "mtp_generation_config"]
 

@@ -7,7 +7,7 @@ trust_remote_code=True)`` and ``pipeline(..., trust_remote_code=True)`` use the 
 ``modeling_deepseekv3`` package (pip install modeling_deepseekv3) with no edit to config.json.
 """
 
-from modeling_deepseekv3.configuration import DeepseekV3PluginConfig
+from modeling_deepseekv3.core.configuration import DeepseekV3PluginConfig
 
 
 class DeepseekV3RemoteConfig(DeepseekV3PluginConfig):

@@ -6,7 +6,7 @@
 
 from ..fp8.training import FP8TrainingRecipe, convert_from_fp8_training, convert_to_fp8_training
 from .balance import ExpertLoadTracker, expert_load, reset_expert_load, track_expert_load, update_routing_bias
-from .losses import balance_loss, mtp_loss, next_token_labels
+from ..core.losses import balance_loss, mtp_loss, next_token_labels
 from .optim import AdamWBF16Moments
 
 __all__ = [

@@ -24,7 +24,7 @@ __all__ = [
 
 
 def _moe_layers(model):
-    from ..moe import DeepseekV3MoE
+    from ..core.moe import DeepseekV3MoE
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DeepseekV3MoE)]
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..configuration import DeepseekV3Config
+from ..core.configuration import DeepseekV3Config
 from .balance import track_expert_load, update_routing_bias
 from .data import (
     DataError,

@@ -182,7 +182,7 @@ def test_linear_and_dynamic_rope_scaling_work():
     """transformers' linear and dynamic (NTK) rope types: linear interpolates every position (position p
     rotates as p / factor does unscaled); dynamic leaves inputs within max_position_embeddings alone and changes
     longer ones; both survive a save/reload of the config."""
-    from modeling_deepseekv3.rope import RotaryEmbedding
+    from modeling_deepseekv3.core.rope import RotaryEmbedding
 
     base = _rope_variant(None)
     linear, dynamic = _rope_variant({"type": "linear", "factor": 2.0}), _rope_variant({"type": "dynamic", "factor": 2.0})

@@ -9,7 +9,7 @@ import modeling_deepseekv3 as ds
 from helpers import input_ids, load
 from modeling_deepseekv3.checkpoint import checkpoint_layout
 from modeling_deepseekv3.fp8 import FP8Linear
-from modeling_deepseekv3.mtp import DeepseekV3MTPLayer
+from modeling_deepseekv3.core.mtp import DeepseekV3MTPLayer
 
 
 def test_state_dict_is_the_official_layout(tiny_fp8):

@@ -7,10 +7,10 @@ import torch
 
 import modeling_deepseekv3 as ds
 from helpers import input_ids, load
-from modeling_deepseekv3.attention import LatentAbsorbingProjection, MLAttention, absorb_is_cheaper
-from modeling_deepseekv3.cache import LatentCache
+from modeling_deepseekv3.core.attention import LatentAbsorbingProjection, MLAttention, absorb_is_cheaper
+from modeling_deepseekv3.core.cache import LatentCache
 from modeling_deepseekv3.checkpoint import TINY_CONFIG
-from modeling_deepseekv3.rope import RotaryEmbedding
+from modeling_deepseekv3.core.rope import RotaryEmbedding
 
 PATHS = ["expand", "absorb", "auto"]
 
@@ -154,7 +154,7 @@ def test_dequantized_model_keeps_the_absorbing_kv_b(tiny_fp8):
 def test_fp8_kv_b_dense_cache_follows_weight_changes():
     """The absorbed path keeps the dequantized FP8 kv_b_proj for inference; changing the FP8 weight (a LoRA
     merge requantizes in place) must invalidate it."""
-    from modeling_deepseekv3.attention import KVBFP8Linear
+    from modeling_deepseekv3.core.attention import KVBFP8Linear
 
     layer = KVBFP8Linear(160, 4 * 64)
     layer.configure_heads(4, 32, 32)

@@ -9,7 +9,7 @@ import torch
 
 import modeling_deepseekv3 as ds
 from helpers import ROOT, input_ids, load
-from modeling_deepseekv3.cache import LatentCache, StaticLatentCache
+from modeling_deepseekv3.core.cache import LatentCache, StaticLatentCache
 
 HUB = ROOT / "hub_config"
 

@@ -10,7 +10,7 @@ import transformers
 import modeling_deepseekv3 as ds
 from helpers import ROOT
 from modeling_deepseekv3.checkpoint import TINY_CONFIG
-from modeling_deepseekv3.rope import softmax_scale
+from modeling_deepseekv3.core.rope import softmax_scale
 
 HUB = ROOT / "hub_config"
 

@@ -95,7 +95,7 @@ def test_group_tiles_cover_each_experts_rows_once():
 def test_fp8_experts_grouped_path_equals_the_modules_path():
     """The stacked FP8 experts (weights re-homed, FP8 kept, names unchanged) run as three grouped kernels and
     give the per-expert modules' answer. On CPU this path is only reachable explicitly (interpreter)."""
-    from modeling_deepseekv3.moe.experts import RoutedExperts
+    from modeling_deepseekv3.core.moe.experts import RoutedExperts
 
     quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     config = ds.DeepseekV3Config(**TINY_CONFIG, quantization_config=quant)

@@ -182,7 +182,7 @@ def test_head_matmul_equals_the_reference(isa, path, dtype, heads, rows):
 def test_fp8_kv_b_absorbed_path_runs_on_the_head_kernels_and_keeps_no_dense_copy(monkeypatch, dtype):
     """The absorbed kv_b_proj reads the FP8 weight through the head kernels (no dense copy kept), equals the
     dequantize-per-call reference, and follows a weight change (a LoRA merge requantizes in place)."""
-    from modeling_deepseekv3.attention import KVBFP8Linear
+    from modeling_deepseekv3.core.attention import KVBFP8Linear
 
     calls = []
     real = native.head_matmul

@@ -7,7 +7,7 @@ import torch
 
 import modeling_deepseekv3 as ds
 from modeling_deepseekv3.checkpoint import TINY_CONFIG
-from modeling_deepseekv3.moe import DeepseekV3MoE, moe_reference, route_tokens
+from modeling_deepseekv3.core.moe import DeepseekV3MoE, moe_reference, route_tokens
 
 
 def oracle_route(logits, bias, top_k, n_group, topk_group, scale):

@@ -10,7 +10,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.rope import apply_rope, rope_inv_freq, softmax_scale
+from modeling_deepseekv3.core.rope import apply_rope, rope_inv_freq, softmax_scale
 
 V3_ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
            "mscale": 1.0, "mscale_all_dim": 1.0}

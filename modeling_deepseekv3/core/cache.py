@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration import LATENT_CACHE_FORMATS
-from .fp8 import FP8_DTYPE, FP8_MAX
+from ..fp8 import FP8_DTYPE, FP8_MAX
 
 __all__ = [
     "LatentCache",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import build_attention_mask
+from .attention import build_attention_mask
 
 __all__ = ["balance_loss", "mtp_loss", "next_token_labels"]
 

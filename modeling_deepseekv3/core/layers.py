@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .fp8 import FP8Linear
+from ..fp8 import FP8Linear
 
 __all__ = ["RMSNorm", "SwiGLUMLP", "make_linear"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp8 import apply_keeping_dtype
+from ...fp8 import apply_keeping_dtype
 
 __all__ = ["Routing", "TopkRouter", "route_tokens"]
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp8 import FP8Linear
-from ..fp8 import gpu as fp8_gpu
-from ..fp8.linear import fp8_linear_backend
+from ...fp8 import FP8Linear
+from ...fp8 import gpu as fp8_gpu
+from ...fp8.linear import fp8_linear_backend
 from ..layers import SwiGLUMLP
 
 __all__ = ["RoutedExperts"]

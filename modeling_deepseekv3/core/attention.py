@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import FP8Linear
-from .fp8.gpu import resolve_backend
-from .fp8.kernels import fp8_head_matmul
+from ..fp8 import FP8Linear
+from ..fp8.gpu import resolve_backend
+from ..fp8.kernels import fp8_head_matmul
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
@@ -54,7 +54,7 @@ def latent_cache_update(cache, latent: torch.Tensor, layer_idx: int) -> torch.Te
     """Append ``latent [B, S, D]`` to layer ``layer_idx`` of ``cache``; return all cached ``[B, T, D]``.
 
     The latent travels as the *keys* of a one-head cache layer (``[B, 1, S, D]``, zero-width values):
-    that is what :class:`~modeling_deepseekv3.cache.LatentLayer` expects, and it also makes a plain
+    that is what :class:`~modeling_deepseekv3.core.cache.LatentLayer` expects, and it also makes a plain
     transformers ``DynamicCache`` hold exactly the latent."""
     b, s, d = latent.shape
     keys, _ = cache.update(latent.view(b, 1, s, d), latent.new_empty(b, 1, s, 0), layer_idx)
