@@ -36,12 +36,12 @@ def timed(fn, reps: int) -> float:
 
 
 def backends() -> list[str]:
-    from modeling_deepseekv3.fp8.gpu import FP8BackendError, resolve_backend
+    from modeling_deepseekv3.fp8.dispatch import FP8BackendError, device_backend
 
     out = ["dequant"]
     for name in ("scaled_mm", "w8a16"):
         try:
-            resolve_backend(name, "cuda")
+            device_backend(name, "cuda")
             out.append(name)
         except FP8BackendError as err:
             print(f"  ({name} skipped: {err})")
@@ -50,7 +50,7 @@ def backends() -> list[str]:
 
 def gemm_rows(args, names) -> list[list[str]]:
     from modeling_deepseekv3.fp8 import FP8Linear, block_quantize
-    from modeling_deepseekv3.fp8.kernels import fp8_matmul_reference
+    from modeling_deepseekv3.fp8.reference import fp8_matmul_reference
 
     rows = []
     for n, k in V3_SHAPES:
@@ -72,8 +72,17 @@ def gemm_rows(args, names) -> list[list[str]]:
                 for b in DECODE_BATCHES:
                     xb = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
                     decode.append(f"{timed(lambda: layer(xb), args.reps) * 1e6:.0f}")
-            rows.append([f"{n}x{k}", name, f"{err:.1e}", f"{tflops:.0f}", f"{bf16_tflops:.0f}",
-                         f"{tflops / bf16_tflops:.2f}x", " / ".join(decode)])
+            rows.append(
+                [
+                    f"{n}x{k}",
+                    name,
+                    f"{err:.1e}",
+                    f"{tflops:.0f}",
+                    f"{bf16_tflops:.0f}",
+                    f"{tflops / bf16_tflops:.2f}x",
+                    " / ".join(decode),
+                ]
+            )
     return rows
 
 
@@ -81,8 +90,14 @@ def layer_peak_memory(names) -> list[list[str]]:
     import modeling_deepseekv3 as ds
 
     quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    config = ds.DeepseekV3Config(num_hidden_layers=1, first_k_dense_replace=1, vocab_size=1024, load_mtp=False,
-                                 num_nextn_predict_layers=0, quantization_config=quant)
+    config = ds.DeepseekV3Config(
+        num_hidden_layers=1,
+        first_k_dense_replace=1,
+        vocab_size=1024,
+        load_mtp=False,
+        num_nextn_predict_layers=0,
+        quantization_config=quant,
+    )
     with torch.device("cuda"):
         model = ds.DeepseekV3ForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(2, 1024, (1, 2048), device="cuda")
@@ -106,14 +121,24 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/fp8_gpu.py needs a CUDA GPU (none here): the FP8 GPU backends are tested on CPU through "
-              "their twins only (tests/unit/test_fp8_gpu_backends.py). Run this on a GPU machine.", file=sys.stderr)
+        print(
+            "benchmarks/fp8_gpu.py needs a CUDA GPU (none here): the FP8 GPU backends are tested on CPU through "
+            "their twins only (tests/unit/test_fp8_gpu_backends.py). Run this on a GPU machine.",
+            file=sys.stderr,
+        )
         return 2
     major, minor = torch.cuda.get_device_capability()
     print(f"{torch.cuda.get_device_name()} (SM{major}{minor}), torch {torch.__version__}, CUDA {torch.version.cuda}")
     names = backends()
-    header = ["GEMM (out x in)", "backend", "rel err", "prefill TFLOP/s", "BF16 TFLOP/s", "vs BF16",
-              "decode us @ " + "/".join(map(str, DECODE_BATCHES))]
+    header = [
+        "GEMM (out x in)",
+        "backend",
+        "rel err",
+        "prefill TFLOP/s",
+        "BF16 TFLOP/s",
+        "vs BF16",
+        "decode us @ " + "/".join(map(str, DECODE_BATCHES)),
+    ]
     table = [header] + gemm_rows(args, names) + layer_peak_memory(names)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, row in enumerate(table):

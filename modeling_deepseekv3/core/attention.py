@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), spec §5, with two paths over one set of weights.
+"""Multi-head latent attention (MLA), docs/deepseek_v3.md §5, with two paths over one set of weights.
 
 Per token (V3 sizes in brackets):
 
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fp8 import FP8Linear
-from ..fp8.gpu import resolve_backend
-from ..fp8.kernels import fp8_head_matmul
+from ..fp8 import dispatch as fp8_dispatch
+from ..fp8.linear import fp8_head_matmul
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
@@ -106,48 +106,42 @@ class KVBLinear(LatentAbsorbingProjection, nn.Linear):
 
 
 class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
-    """FP8 ``kv_b_proj``. For inference on CPU (``fp8_compute`` "auto" or "native", no autograd, weights resident) the
-    absorbed path runs both per-head products -- ``q_nope W_UK`` (a contraction over the weight's rows) and
-    ``o_latent W_UV^T`` -- by the native kernel straight from the FP8 weight (:func:`~.fp8.kernels.fp8_head_matmul`).
-    No dense copy is kept for that: the head kernels read 1 byte per weight where a dense FP32 copy reads 4,
-    and measured (benchmarks/fp8_cpu.py part 2, V3 dims) they are 1.3-1.8x faster than the copy at decode
-    (1-16 rows per head) and within 5% of it at 32; the copy would cost 64 MiB per layer in FP32 (3.8 GiB
-    over V3's 61 layers).
+    """FP8 ``kv_b_proj``. Where :func:`~.fp8.dispatch.choose_backend` answers ``"native"`` for the ``"heads"``
+    kind (inference on CPU, weights resident, the C++ kernels available), the absorbed path runs both per-head
+    products -- ``q_nope W_UK`` (a contraction over the weight's rows) and ``o_latent W_UV^T`` -- straight from
+    the FP8 weight (:func:`~.fp8.linear.fp8_head_matmul`). No dense copy is kept for that: the head kernels
+    read 1 byte per weight where a dense FP32 copy reads 4, and measured (benchmarks/fp8_cpu.py part 2, V3
+    dims) they are 1.3-1.8x faster than the copy at decode (1-16 rows per head) and within 5% of it at 32;
+    the copy would cost 64 MiB per layer in FP32 (3.8 GiB over V3's 61 layers).
 
-    Where the kernels do not apply (no C++ compiler or AVX2, another device, fp16) inference falls back to
-    the dense weight, and there the dequantized weight is kept and reused while the FP8 tensors are
-    unchanged -- on CPU a per-call dequantization costs ~30 ms per layer per token. Training, offloaded
-    weights and ``fp8_compute="dequant"`` dequantize per call."""
+    Otherwise the absorbed path multiplies by the dense weight, and the same function says whether to keep
+    that dequantized copy and reuse it while the FP8 tensors are unchanged (inference: on CPU a per-call
+    dequantization costs ~30 ms per layer per token) or to dequantize per call (training, offloaded weights,
+    ``fp8_compute="dequant"``)."""
 
-    def _head_kernels_apply(self, x: torch.Tensor) -> bool:
-        hook = getattr(self, "_hf_hook", None)
-        return (
-            resolve_backend(self.compute, self.weight.device) == "native"  # raises for a backend the device lacks
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and not getattr(hook, "offload", False)
+    def _backend(self, kind: str, x: torch.Tensor | None = None) -> str:
+        return fp8_dispatch.choose_backend(
+            self.compute, self.weight, self.weight_scale_inv, self.block_size, x, kind=kind, module=self
         )
 
     def forward(self, x: torch.Tensor, latent_attention: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if latent_attention is None or not self._head_kernels_apply(x):
+        if latent_attention is None or self._backend("heads", x) != "native":
             return super().forward(x, latent_attention)
         b, h, s, nope = x.shape
         stride, w, sc, block = nope + self.v_head_dim, self.weight, self.weight_scale_inv, self.block_size
         x_g = x.transpose(0, 1).reshape(h, b * s, nope)  # (H, B*S, nope)
         q_latent = fp8_head_matmul(x_g, w, sc, block, stride, 0, nope, transpose=True)  # (H, B*S, r)
-        if q_latent is None:  # the native kernels do not apply here (device, dtype, no compiler)
-            return super().forward(x, latent_attention)
         q_latent = q_latent.view(h, b, s, -1).transpose(0, 1)  # (B, H, S, r)
         o_latent = latent_attention(q_latent)  # (B, H, S, r)
-        o_g = o_latent.transpose(0, 1).reshape(h, b * s, -1)  # (H, B*S, r)
-        out = fp8_head_matmul(o_g, w, sc, block, stride, nope, self.v_head_dim, transpose=False)  # (H, B*S, v)
-        if out is None:  # o_latent came back in a dtype the kernel does not take
+        if self._backend("heads", o_latent) != "native":  # o_latent came back in a dtype the kernel does not take
             w_uv = self.dense_weight(o_latent.dtype).view(h, stride, -1)[:, nope:]  # (H, v, r)
             return torch.matmul(o_latent, w_uv.transpose(1, 2))  # (B, H, S, r) @ (H, r, v) -> (B, H, S, v)
+        o_g = o_latent.transpose(0, 1).reshape(h, b * s, -1)  # (H, B*S, r)
+        out = fp8_head_matmul(o_g, w, sc, block, stride, nope, self.v_head_dim, transpose=False)  # (H, B*S, v)
         return out.view(h, b, s, self.v_head_dim).transpose(0, 1)  # (B, H, S, v)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        hook = getattr(self, "_hf_hook", None)
-        if self.compute == "dequant" or torch.is_grad_enabled() or getattr(hook, "offload", False):
+        if self._backend("dense") != "dense":
             return self.dequantized_weight(dtype)
         key = (self.weight.data_ptr(), self.weight._version, self.weight_scale_inv._version, dtype, self.weight.device)
         cached = self.__dict__.get("_dense_cache")
@@ -166,7 +160,10 @@ class KVBFP8Linear(LatentAbsorbingProjection, FP8Linear):
 def _make_kv_b_proj(config, in_features: int, out_features: int) -> nn.Module:
     if config.is_fp8:
         layer = KVBFP8Linear(
-            in_features, out_features, block_size=config.fp8_block_size, compute=config.fp8_compute,
+            in_features,
+            out_features,
+            block_size=config.fp8_block_size,
+            compute=config.fp8_compute,
             scale_fmt=config.fp8_scale_fmt,
         )
     else:
@@ -199,7 +196,7 @@ class MLAttention(nn.Module):
             self.q_proj = make_linear(config, hidden, self.num_heads * self.qk_head_dim)
         else:
             self.q_a_proj = make_linear(config, hidden, self.q_lora_rank, bias=bias)
-            # Sub-norms use eps 1e-6 regardless of config.rms_norm_eps, as in the released code (spec §7).
+            # Sub-norms use eps 1e-6 regardless of config.rms_norm_eps, as in the released code (docs/deepseek_v3.md §7).
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
             self.q_b_proj = make_linear(config, self.q_lora_rank, self.num_heads * self.qk_head_dim)
         self.kv_a_proj_with_mqa = make_linear(config, hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
@@ -234,7 +231,13 @@ class MLAttention(nn.Module):
         if impl != "auto":
             return impl
         cheaper = absorb_is_cheaper(
-            q_len, kv_len, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+            q_len,
+            kv_len,
+            self.num_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.kv_lora_rank,
         )
         return "absorb" if cheaper else "expand"
 
@@ -354,7 +357,12 @@ def packed_segment_ids(
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, past, kv_len: int, device,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past,
+    kv_len: int,
+    device,
     segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean ``[B, 1, S, kv_len]`` mask (True = may attend), or None when plain causal attention suffices.
@@ -368,7 +376,12 @@ def build_attention_mask(
     sees only earlier tokens of its own packed sequence."""
     q_pos = torch.arange(q_len, device=device)[:, None] + past  # (S, 1)
     k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, T)
-    if attention_mask is not None and attention_mask.dim() == 2 and isinstance(past, int) and attention_mask.shape[-1] < past + q_len:
+    if (
+        attention_mask is not None
+        and attention_mask.dim() == 2
+        and isinstance(past, int)
+        and attention_mask.shape[-1] < past + q_len
+    ):
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens are "
             f"{past + q_len}; pass the mask for the whole sequence so far (a shorter one is not padded)."

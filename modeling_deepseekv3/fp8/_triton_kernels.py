@@ -1,6 +1,6 @@
-"""The Triton kernels behind :mod:`.gpu` (this module imports Triton at its top: only :func:`.gpu._kernels`
+"""The Triton kernels behind :mod:`.w8a16` (this module imports Triton at its top: only :func:`.w8a16._kernels`
 imports it, on first use). Kept in their own module because ``triton.jit`` resolves names through the module's
-globals, and so that :mod:`.gpu` can load a second, interpreted copy for CPU tensors. That copy works even
+globals, and so that :mod:`.w8a16` can load a second, interpreted copy for CPU tensors. That copy works even
 when Triton was imported normally first, as long as these kernels call only Triton builtins and each other:
 the standard library's ``@jit`` helpers (``tl.zeros``, ``tl.cdiv``, ...) were not decorated interpreted."""
 
@@ -20,19 +20,44 @@ def decode_e4m3(b):
     mag = tl.where((exp == 15) & (man == 7), float("nan"), mag)
     return tl.where((b & 0x80) != 0, -mag, mag)
 
+
 @triton.jit
 def decode_kernel(src, dst, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(dst + offs, decode_e4m3(tl.load(src + offs, mask=mask, other=0)), mask=mask)
 
+
 @triton.jit
 def w8a16_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, tile_expert_ptr, tile_row0_ptr, tile_row1_ptr,
-    M, N, K,
-    sxm, sxk, swe, swn, swk, sse, ssn, ssk, sym, syn,
-    SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, GROUPED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    tile_expert_ptr,
+    tile_row0_ptr,
+    tile_row1_ptr,
+    M,
+    N,
+    K,
+    sxm,
+    sxk,
+    swe,
+    swn,
+    swk,
+    sse,
+    ssn,
+    ssk,
+    sym,
+    syn,
+    SCALE_N: tl.constexpr,
+    SCALE_K: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """``y[rows] = x[rows] @ dequant(W_e)^T`` for one (row tile, N tile). Ungrouped: row tile ``pid_m``
     of ``x`` and expert 0. Grouped: the tile table says which expert and rows (an unused tile has
@@ -55,17 +80,21 @@ def w8a16_kernel(
         n_mask = n_mask & (offs_n * 0 + row0 < row1)  # an unused tile reads no weight bytes
     w_base = w_ptr + e * swe
     s_base = s_ptr + e * sse + (offs_n // SCALE_N) * ssn  # (BN,) pointers: this column's scale row
-    acc = tl.full((BM, BN), 0.0, tl.float32)  # tl.full, a builtin: tl.zeros is a jit function the interpreted copy cannot call
+    acc = tl.full(
+        (BM, BN), 0.0, tl.float32
+    )  # tl.full, a builtin: tl.zeros is a jit function the interpreted copy cannot call
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < K
         x = tl.load(
             x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )  # (BM, BK)
         codes = tl.load(
             w_base + offs_n[None, :] * swn + offs_k[:, None] * swk,
-            mask=n_mask[None, :] & k_mask[:, None], other=0,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0,
         )  # (BK, BN) uint8: W^T's tile, 1 byte per weight from memory
         if DOT_FP32:  # the interpreter (its bf16 dot is wrong): same products, exact in fp32
             x = x.to(tl.float32)

@@ -1,6 +1,6 @@
 """The DeepSeek block-scaled FP8 weight format: constants, scale grids, quantize and dequantize.
 
-Format (``spec/deepseek_v3.md`` §4.1): a float8_e4m3fn weight ``W_q [M, N]`` and a float32
+Format (``docs/deepseek_v3.md`` §4.1): a float8_e4m3fn weight ``W_q [M, N]`` and a float32
 ``weight_scale_inv [ceil(M/bm), ceil(N/bn)]`` (bm = bn = 128 in every official checkpoint). Despite the
 name the scale is *multiplied*: ``W[i, j] = float32(W_q[i, j]) * S[i // bm, j // bn]``. The last block of
 a dimension may be partial: V3's ``kv_a_proj_with_mqa`` is 576 rows = 4.5 blocks, and its scale row 4

@@ -1,23 +1,30 @@
 """``FP8Linear``: a linear layer whose weight stays float8_e4m3fn with its 128x128 block scales.
 
-The format is in :mod:`.format`; the CPU kernels (and their reference twins) in :mod:`.kernels`; the GPU
-kernels and the backend choice in :mod:`.gpu`. This module picks, per call, how an FP8 linear computes: the
-dequantize-then-``F.linear`` reference, or, for inference, the backend ``fp8_compute`` resolves to on the
-weight's device (``native`` on CPU, ``scaled_mm`` on Hopper, ``w8a16`` on other CUDA GPUs).
+The format is in :mod:`.format`; the backends in files named for them (:mod:`.cpu`, :mod:`.scaled_mm`,
+:mod:`.w8a16`), their reference twins in :mod:`.reference`. Which backend a call uses is not decided here:
+:func:`~.dispatch.choose_backend` answers, and this module runs what it names.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gpu
+from . import cpu, dispatch, scaled_mm, w8a16
 from .format import DEFAULT_BLOCK_SIZE, FP8_DTYPE, apply_keeping_dtype, block_dequantize, block_quantize, scale_shape
-from .gpu import resolve_backend
-from .kernels import _weight_applies, fp8_dequantize, fp8_matmul
 
-__all__ = ["FP8Linear", "fp8_linear", "fp8_linear_backend"]
+__all__ = [
+    "FP8Linear",
+    "fp8_backends",
+    "fp8_grouped_matmul",
+    "fp8_head_matmul",
+    "fp8_linear",
+    "fp8_linear_backend",
+    "set_fp8_compute",
+]
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -39,63 +46,85 @@ class _FP8LinearFunction(torch.autograd.Function):
 
 
 def fp8_linear(
-    x: torch.Tensor, weight, scale_inv, block_size, bias=None, mode: str = "auto", scale_fmt: str | None = None,
+    x: torch.Tensor,
+    weight,
+    scale_inv,
+    block_size,
+    bias=None,
+    mode: str = "auto",
+    scale_fmt: str | None = None,
     cache: dict | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, dequant(weight))``. With autograd: the re-dequantizing autograd function (every backend).
-    For inference, the backend that ``mode`` (the config's ``fp8_compute``) resolves to on the weight's
-    device (:func:`~.gpu.resolve_backend`, which raises for a backend the device cannot run): ``native``
-    (CPU, float32/bfloat16 input: fp32 accumulation, exact to fp32 rounding against
-    :func:`~.kernels.fp8_matmul_reference`), ``scaled_mm`` (activation quantized per 1x128 tile, FP8 tensor
-    cores; ``cache`` keeps the weight's cuBLAS-layout scales), ``w8a16`` (the Triton weight-only kernel).
-    Otherwise, and wherever the chosen kernel does not take the shape or dtype: dequantize to ``x``'s dtype,
-    then ``F.linear`` (the reference)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """``F.linear(x, dequant(weight))`` by the backend :func:`~.dispatch.choose_backend` names for this call
+    (``mode`` is the config's ``fp8_compute``; a backend the weight's device cannot run raises there):
+    ``"autograd"`` (the re-dequantizing autograd function), ``"native"`` (CPU, fp32 accumulation, exact to
+    fp32 rounding against :func:`~.reference.fp8_matmul_reference`), ``"scaled_mm"`` (activation quantized per
+    1x128 tile, FP8 tensor cores; ``cache`` keeps the weight's cuBLAS-layout scales), ``"w8a16"`` (the Triton
+    weight-only kernel), or ``"dequant"``: dequantize to ``x``'s dtype, then ``F.linear`` (the reference)."""
+    backend = dispatch.choose_backend(mode, weight, scale_inv, block_size, x)
+    if backend == "dequant":
+        w = block_dequantize(weight, scale_inv, block_size, x.dtype)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    if backend == "autograd":
         out = _FP8LinearFunction.apply(x, weight, scale_inv, tuple(block_size))
-        return out + bias.to(x.dtype) if bias is not None else out
-    backend = resolve_backend(mode, weight.device)
-    if backend != "dequant" and x.numel():
+    else:
         x2d = x.reshape(-1, x.shape[-1])
-        out = None
         if backend == "native":
-            out = fp8_matmul(x2d, weight, scale_inv, block_size)
-        elif x2d.dtype in (torch.bfloat16, torch.float16, torch.float32) and x2d.device == weight.device:
-            if backend == "scaled_mm" and gpu.scaled_mm_weight_applies(weight, block_size):
-                out = gpu.scaled_mm_linear(x2d, weight, _scaled_mm_scales(scale_inv, cache), scale_fmt)
-            elif backend == "w8a16" and gpu.w8a16_weight_applies(weight, block_size):
-                out = gpu.w8a16_matmul(x2d, weight, scale_inv, block_size)
-        if out is not None:
-            out = out.view(*x.shape[:-1], weight.shape[0])
-            return out + bias.to(x.dtype) if bias is not None else out
-    w = block_dequantize(weight, scale_inv, block_size, x.dtype)
-    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+            out = cpu.native_linear(x2d, weight, scale_inv, block_size)
+        elif backend == "scaled_mm":
+            out = scaled_mm.scaled_mm_linear(x2d, weight, _scaled_mm_scales(scale_inv, cache), scale_fmt)
+        elif backend == "w8a16":
+            out = w8a16.w8a16_matmul(x2d, weight, scale_inv, block_size)
+        else:
+            raise ValueError(f"no FP8 linear backend named {backend!r}.")
+        out = out.view(*x.shape[:-1], weight.shape[0])
+    return out + bias.to(x.dtype) if bias is not None else out
 
 
 def _scaled_mm_scales(scale_inv: torch.Tensor, cache: dict | None) -> torch.Tensor:
     """The weight's scales in cuBLAS layout, prepared once per weight: kept in ``cache`` (the module's
     ``__dict__``, so not a buffer and never saved) while the scale tensor is unchanged."""
     if cache is None:
-        return gpu.weight_scale_layout(scale_inv)
+        return scaled_mm.weight_scale_layout(scale_inv)
     key = (scale_inv.data_ptr(), scale_inv._version, scale_inv.device)
     hit = cache.get("_scaled_mm_scales")
     if hit is None or hit[0] != key:
-        hit = (key, gpu.weight_scale_layout(scale_inv))
+        hit = (key, scaled_mm.weight_scale_layout(scale_inv))
         cache["_scaled_mm_scales"] = hit
     return hit[1]
 
 
+def fp8_head_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block_size,
+    row_stride: int,
+    row_offset: int,
+    rows: int,
+    transpose: bool,
+) -> torch.Tensor:
+    """Per-group products with row ranges of one FP8 weight (the absorbed MLA's ``W_UK`` / ``W_UV`` heads on
+    ``kv_b_proj``; arguments as :func:`.native.head_matmul`), for a call :func:`~.dispatch.choose_backend`
+    gave to ``"native"`` for the ``"heads"`` kind: the CPU kernels are the only head kernels there are.
+    Here so that the model reaches the backends only through this module and :mod:`.dispatch`."""
+    return cpu.native_head_matmul(x, weight, scale_inv, block_size, row_stride, row_offset, rows, transpose)
+
+
+def fp8_grouped_matmul(
+    x_AK: torch.Tensor, weight_ENK: torch.Tensor, scale_E: torch.Tensor, counts_E: torch.Tensor, block_size
+) -> torch.Tensor:
+    """Rows sorted by expert times each expert's stacked FP8 weight (:func:`.w8a16.w8a16_grouped_matmul`), for a
+    layer :func:`~.dispatch.choose_backend` gave ``"w8a16_grouped"``; also runs on CPU tensors under Triton's
+    interpreter, which is how it is tested without a GPU."""
+    return w8a16.w8a16_grouped_matmul(x_AK, weight_ENK, scale_E, counts_E, block_size)
+
+
 def fp8_linear_backend(module: FP8Linear) -> str:
-    """The backend this FP8 linear computes with for inference (float32/bfloat16 input) where its weight is
-    now: ``"native"``, ``"scaled_mm"``, ``"w8a16"`` or ``"dequant"`` (also where the resolved kernel does not
-    take this weight's shape). Raises :class:`~.gpu.FP8BackendError` like a forward would."""
-    w, s, block = module.weight, module.weight_scale_inv, module.block_size
-    backend = resolve_backend(module.compute, w.device)
-    applies = {
-        "native": lambda: _weight_applies(w, s, block),
-        "scaled_mm": lambda: gpu.scaled_mm_weight_applies(w, block),
-        "w8a16": lambda: gpu.w8a16_weight_applies(w, block),
-    }
-    return backend if backend in applies and applies[backend]() else "dequant"
+    """The backend this FP8 linear computes with for inference where its weight is now (the report's answer of
+    :func:`~.dispatch.choose_backend`): ``"native"``, ``"scaled_mm"``, ``"w8a16"`` or ``"dequant"``. Raises
+    :class:`~.dispatch.FP8BackendError` like a forward would."""
+    return dispatch.choose_backend(module.compute, module.weight, module.weight_scale_inv, module.block_size)
 
 
 class FP8Linear(nn.Module):
@@ -108,11 +137,13 @@ class FP8Linear(nn.Module):
 
     Compute (``compute`` attribute, from the config's ``fp8_compute``): ``"dequant"`` block-dequantizes the
     weight to the input's dtype and multiplies with ``F.linear`` (the official demo's default
-    ``gemm_impl="bf16"`` path, spec §4.4; in BF16 the weight is rounded to BF16 first, as
+    ``gemm_impl="bf16"`` path, docs/deepseek_v3.md §4.4; in BF16 the weight is rounded to BF16 first, as
     ``fp8_cast_bf16`` does) -- the reference, and what every backend does under autograd. For inference,
     ``"native"`` is the CPU kernel of :mod:`.native` (reads the FP8 weight directly, fp32 accumulation),
-    ``"scaled_mm"`` and ``"w8a16"`` the GPU paths of :mod:`.gpu`; ``"auto"`` picks one by the weight's
-    device (:func:`~.gpu.resolve_backend`); :func:`fp8_linear_backend` says which one this module uses.
+    ``"scaled_mm"`` and ``"w8a16"`` the GPU paths of :mod:`.scaled_mm` and :mod:`.w8a16`; ``"auto"`` picks one
+    by the weight's device. :func:`~.dispatch.choose_backend` decides per call (and falls back to the
+    reference where a kernel does not take the input or weight); :func:`fp8_linear_backend` says which one
+    this module uses.
 
     Casting: ``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` leave this module's weight in
     float8 and its scale in float32 (device moves apply as usual). Use ``dequantize_fp8=True`` or
@@ -157,11 +188,18 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``[out, in]`` weight in ``dtype`` (exactly :func:`~.format.block_dequantize`'s; natively
         on CPU)."""
-        return fp8_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
+        return cpu.fp8_dequantize(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(
-            x, self.weight, self.weight_scale_inv, self.block_size, self.bias, self.compute, self.scale_fmt, self.__dict__
+            x,
+            self.weight,
+            self.weight_scale_inv,
+            self.block_size,
+            self.bias,
+            self.compute,
+            self.scale_fmt,
+            self.__dict__,
         )
 
     @torch.no_grad()
@@ -194,3 +232,48 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"block_size={self.block_size}, bias={self.bias is not None}"
         )
+
+
+# ------------------------------------------------------------------------------------------ whole models
+def _fp8_linears(model) -> list[tuple[str, FP8Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear)]
+
+
+def fp8_backends(model) -> dict[str, str]:
+    """How each kind of FP8 linear in ``model`` computes for inference, where its weights are now.
+
+    Keys are module names with layer and expert indices replaced by ``*``
+    (``"model.layers.*.mlp.experts.*.down_proj"``); values are :func:`~.dispatch.choose_backend`'s ``"linear"``
+    answer (``"native"``, ``"scaled_mm"``, ``"w8a16"``, ``"dequant"``), or ``"w8a16_grouped"`` for the
+    projections under a module whose ``fp8_grouped_backend()`` method says it runs its experts as grouped
+    kernels (the routed experts; found by that method, so this package needs no import of the model).
+    ``"a|b"`` where modules of one kind differ (some layers on another device). Empty without FP8 weights.
+    Raises :class:`~.dispatch.FP8BackendError` where ``fp8_compute`` names a backend a weight's device cannot
+    run, as the forward would."""
+    grouped = {}
+    for name, module in model.named_modules():
+        ask = getattr(module, "fp8_grouped_backend", None)
+        if callable(ask) and (backend := ask()) is not None:
+            grouped[f"{name}." if name else ""] = backend
+    kinds: dict[str, set[str]] = {}
+    for name, m in _fp8_linears(model):
+        backend = next((b for prefix, b in grouped.items() if name.startswith(prefix)), None)
+        kinds.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", name), set()).add(backend or fp8_linear_backend(m))
+    return {kind: "|".join(sorted(b)) for kind, b in kinds.items()}
+
+
+def set_fp8_compute(model, mode: str):
+    """Switch every FP8 linear of ``model`` (and ``model.config.fp8_compute`` where there is a config) to
+    ``mode``. Every weight device is checked first, so a mode one of them cannot run raises
+    :class:`~.dispatch.FP8BackendError` and changes nothing. Returns ``model``."""
+    if mode not in dispatch.FP8_COMPUTE_MODES:
+        raise ValueError(f"fp8_compute must be one of {dispatch.FP8_COMPUTE_MODES}, got {mode!r}.")
+    modules = [m for _, m in _fp8_linears(model)]
+    for device in {m.weight.device for m in modules}:
+        dispatch.device_backend(mode, device)
+    for m in modules:
+        m.compute = mode
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.fp8_compute = mode
+    return model

@@ -26,7 +26,7 @@ backward only the FP8 input and its scales are kept, not the high-precision inpu
 
 Backends: ``"emulated"`` (any device, the reference twin: real FP8 operands, dequantized per block and
 multiplied in fp32) and ``"cuda"`` (SM90: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
-BlockWise128x128 scales, through the GEMM wrapper FP8 inference uses, :func:`.gpu.blockwise_scaled_mm`; torch
+BlockWise128x128 scales, through the GEMM wrapper FP8 inference uses, :func:`.scaled_mm.blockwise_scaled_mm`; torch
 implements these scale recipes on SM90 only); ``"auto"`` picks CUDA where it can run.
 """
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import gpu
+from . import scaled_mm
 from .format import SCALE_FORMATS, block_dequantize, block_quantize
 from .linear import FP8Linear
 
@@ -49,6 +49,7 @@ __all__ = [
     "convert_from_fp8_training",
     "convert_to_fp8_training",
     "fp8_training_modules",
+    "fp8_training_recipe",
 ]
 
 TILE = 128
@@ -104,17 +105,17 @@ def _gemm_emulated(a_q, a_s, a_block, b_q, b_s, b_block, out_dtype):
 
 
 def _gemm_cuda(a_q, a_s, a_block, b_q, b_s, b_block, out_dtype):
-    """The same GEMM on FP8 tensor cores: :func:`.gpu.blockwise_scaled_mm`, the wrapper inference uses too,
-    with the scales laid out for cuBLAS (:func:`.gpu.prepare_scales`). ``a_block`` is always 1x128 here."""
-    return gpu.blockwise_scaled_mm(
-        a_q, gpu.prepare_scales(a_s, a_block), b_q, gpu.prepare_scales(b_s, b_block), b_block, out_dtype
+    """The same GEMM on FP8 tensor cores: :func:`.scaled_mm.blockwise_scaled_mm`, the wrapper inference uses
+    too, with the scales laid out for cuBLAS (:func:`.scaled_mm.prepare_scales`). ``a_block`` is always 1x128."""
+    return scaled_mm.blockwise_scaled_mm(
+        a_q, scaled_mm.prepare_scales(a_s, a_block), b_q, scaled_mm.prepare_scales(b_s, b_block), b_block, out_dtype
     )
 
 
 def _pick_gemm(recipe: FP8TrainingRecipe, device: torch.device):
     backend = recipe.backend
     if backend == "auto":
-        backend = "cuda" if gpu.scaled_mm_supported(device) and recipe.tile == TILE else "emulated"
+        backend = "cuda" if scaled_mm.scaled_mm_supported(device) and recipe.tile == TILE else "emulated"
     return _gemm_cuda if backend == "cuda" else _gemm_emulated
 
 
@@ -127,7 +128,7 @@ def check_backend(recipe: FP8TrainingRecipe, device: torch.device) -> None:
             f"FP8TrainingRecipe(backend='cuda') needs the model on a CUDA GPU with torch's block-scaled FP8 GEMM "
             f"(Hopper, SM90), but it is on {device}. Use backend='emulated' (exact, any device) or 'auto'."
         )
-    if not gpu.scaled_mm_supported(device) or recipe.tile != TILE:
+    if not scaled_mm.scaled_mm_supported(device) or recipe.tile != TILE:
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
             f"FP8TrainingRecipe(backend='cuda'): {torch.cuda.get_device_name(device)} (SM{major}{minor}, CUDA "
@@ -196,8 +197,10 @@ class FP8TrainingLinear(nn.Module):
 
     def extra_repr(self) -> str:
         r = self.recipe
-        return (f"in_features={self.in_features}, out_features={self.out_features}, tiles=1x{r.tile}/{r.tile}x{r.tile}, "
-                f"scale_fmt={r.scale_fmt}, backend={r.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, tiles=1x{r.tile}/{r.tile}x{r.tile}, "
+            f"scale_fmt={r.scale_fmt}, backend={r.backend}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ conversion
@@ -260,6 +263,11 @@ def convert_to_fp8_training(
         setattr(model.get_submodule(parent), child, FP8TrainingLinear(module, recipe))
     model.__dict__["_fp8_training"] = recipe
     return model
+
+
+def fp8_training_recipe(model: nn.Module) -> FP8TrainingRecipe | None:
+    """The recipe :func:`convert_to_fp8_training` applied to ``model`` (None if it was not converted)."""
+    return model.__dict__.get("_fp8_training")
 
 
 def convert_from_fp8_training(model: nn.Module) -> nn.Module:

@@ -16,9 +16,10 @@ ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference
   expert's parameters keep their identity and names; only their ``.data`` becomes a view into the stack,
   so optimizers, ``state_dict``, saving and autograd see nothing different (an optimizer step writes
   through the views into the stack).
-* **fp8 grouped**: FP8 experts on a CUDA GPU whose ``fp8_compute`` resolves to a GPU backend, during
-  inference: the same re-homing, kept in FP8 (``gate``, ``up`` ``[E, I, D]``, ``down [E, D, I]`` plus their
-  block scales), then three launches of the grouped W8A16 Triton kernel (:func:`~..fp8.gpu.w8a16_grouped_matmul`)
+* **fp8 grouped**: FP8 experts where :func:`~...fp8.dispatch.choose_backend` says ``"w8a16_grouped"`` (a CUDA
+  GPU whose ``fp8_compute`` resolves to a GPU backend, inference): the same re-homing, kept in FP8 (``gate``,
+  ``up`` ``[E, I, D]``, ``down [E, D, I]`` plus their block scales), then three launches of the grouped W8A16
+  Triton kernel (:func:`~...fp8.linear.fp8_grouped_matmul`)
   over the experts that received rows: no per-expert Python loop, 1 byte per weight read. Stacking costs
   one layer's expert weights of transient memory, once.
 """
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...fp8 import FP8Linear
-from ...fp8 import gpu as fp8_gpu
-from ...fp8.linear import fp8_linear_backend
+from ...fp8 import dispatch as fp8_dispatch
+from ...fp8.linear import fp8_grouped_matmul
 from ..layers import SwiGLUMLP
 
 __all__ = ["RoutedExperts"]
@@ -59,7 +60,7 @@ class RoutedExperts(nn.ModuleList):
             return x_AD.new_zeros(0, x_AD.shape[-1])
         active = counts_E.nonzero().flatten().tolist()  # the one host sync
         inference = not torch.is_grad_enabled()  # also the no-grad first pass of reentrant checkpointing
-        if inference and self.fp8_grouped_backend(x_AD.device) is not None:
+        if self.fp8_grouped_backend(x=x_AD) is not None:
             if self._fp8_stack_intact(x_AD, active) or (not self._fp8_stack_tried and self.stack_fp8()):
                 return self.run_fp8_grouped(x_AD, counts_E)
         if inference and self._grouped_allowed(x_AD):
@@ -168,21 +169,24 @@ class RoutedExperts(nn.ModuleList):
         return _GROUPED_MM(h, down.transpose(1, 2), offs=offsets)  # (A, D)
 
     # -- FP8 grouped path -------------------------------------------------------------------------------
-    def fp8_grouped_backend(self, device: torch.device) -> str | None:
-        """``"w8a16_grouped"`` where the FP8 grouped path runs on ``device`` (module docstring), else None:
-        ``moe_grouped_experts`` on, FP8 experts on this CUDA device whose ``fp8_compute`` resolves to
-        "scaled_mm" or "w8a16", and Triton installed. (The grouped kernel is W8A16 for both: a grouped
-        block-scaled FP8 x FP8 GEMM is future work.)"""
-        if not self.grouped or device.type != "cuda":  # (expert parallelism turns grouping off: experts 0.. may be remote)
+    def fp8_grouped_backend(self, device: torch.device | None = None, x: torch.Tensor | None = None) -> str | None:
+        """``"w8a16_grouped"`` where the FP8 grouped path runs (module docstring), else None. This method only
+        says whether grouping is possible at all (``moe_grouped_experts`` on, FP8 experts, on ``device`` or
+        ``x``'s device when given); whether the grouped kernel runs is :func:`~...fp8.dispatch.choose_backend`'s
+        ``"grouped"`` answer for the first expert's weight (``x``: this call's input, for the per-call
+        conditions). :func:`~...fp8.dispatch.fp8_backends` calls this without arguments for its report."""
+        if not self.grouped:  # (expert parallelism turns grouping off: experts 0.. may be remote)
             return None
         probe = self[0].gate_proj
         if not isinstance(probe, FP8Linear):
             return None
-        if probe.weight.device != device or not fp8_gpu.triton_available():
+        device = x.device if x is not None else device
+        if device is not None and probe.weight.device != torch.device(device):
             return None
-        if fp8_linear_backend(probe) not in ("scaled_mm", "w8a16"):
-            return None
-        return "w8a16_grouped"
+        backend = fp8_dispatch.choose_backend(
+            probe.compute, probe.weight, probe.weight_scale_inv, probe.block_size, x, kind="grouped"
+        )
+        return backend if backend == "w8a16_grouped" else None
 
     @torch.no_grad()
     def stack_fp8(self) -> bool:
@@ -222,10 +226,15 @@ class RoutedExperts(nn.ModuleList):
             return False
         for e in active:
             expert = self[e]
-            if not _is_plain_fp8_expert(expert, expert.gate_proj) or [
-                t.data_ptr() for p in (expert.gate_proj, expert.up_proj, expert.down_proj)
-                for t in (p.weight, p.weight_scale_inv)
-            ] != ptrs[e]:
+            if (
+                not _is_plain_fp8_expert(expert, expert.gate_proj)
+                or [
+                    t.data_ptr()
+                    for p in (expert.gate_proj, expert.up_proj, expert.down_proj)
+                    for t in (p.weight, p.weight_scale_inv)
+                ]
+                != ptrs[e]
+            ):
                 self._fp8_stack, self._fp8_stack_tried = None, False
                 return False
         return True
@@ -235,10 +244,10 @@ class RoutedExperts(nn.ModuleList):
         kernel runs on: CUDA, or CPU tensors under Triton's interpreter, which is how it is tested)."""
         (gate, up, down), (gate_s, up_s, down_s), _ = self._fp8_stack
         block = self[0].gate_proj.block_size
-        g_AI = fp8_gpu.w8a16_grouped_matmul(x_AD, gate, gate_s, counts_E, block)  # (A, I)
-        u_AI = fp8_gpu.w8a16_grouped_matmul(x_AD, up, up_s, counts_E, block)  # (A, I)
+        g_AI = fp8_grouped_matmul(x_AD, gate, gate_s, counts_E, block)  # (A, I)
+        u_AI = fp8_grouped_matmul(x_AD, up, up_s, counts_E, block)  # (A, I)
         h_AI = self[0].act_fn(g_AI).mul_(u_AI)
-        return fp8_gpu.w8a16_grouped_matmul(h_AI, down, down_s, counts_E, block)  # (A, D)
+        return fp8_grouped_matmul(h_AI, down, down_s, counts_E, block)  # (A, D)
 
 
 def _is_plain_fp8_expert(expert: nn.Module, ref: FP8Linear) -> bool:
