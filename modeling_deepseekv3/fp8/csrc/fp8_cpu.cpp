@@ -79,7 +79,7 @@ constexpr int64_t MIN_THREAD_WORK = int64_t(1) << 18;
 
 int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, MIN_THREAD_WORK / std::max<int64_t>(1, work_per_item));
-}  // codes per row widened at a time on the many-rows path (4 rows: 8 KB of L1)
+}
 
 // ---- CPU features ----------------------------------------------------------------------------------------
 
