@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +22,15 @@ __all__ = [
     "INDEX_NAME",
     "SCALE_SUFFIX",
     "SINGLE_NAME",
+    "SIZE_FIELDS",
     "CheckpointError",
+    "StoredLayers",
     "TensorInfo",
+    "check_sizes_against_keys",
     "inspect_checkpoint_dir",
     "read_checkpoint_tensors",
     "read_safetensors_header",
+    "stored_layers",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -217,3 +223,120 @@ def read_checkpoint_tensors(files: list[str]) -> dict[str, TensorInfo]:
         if str(file).endswith(".safetensors"):
             tensors.update(read_safetensors_header(file))
     return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes from key names alone: a config.json whose layer or expert count the checkpoint cannot fill is refused
+# before transformers builds the model skeleton (which, for a mistyped 100000 layers, takes minutes and
+# gigabytes before the missing tensors are noticed).
+
+# "model.layers.N.<part>" (causal LM) or "layers.N.<part>" (saved from the base model)
+_LAYER_KEY = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
+_EXPERT_PART = re.compile(r"mlp\.experts\.(\d+)\.")
+# modules only an MTP layer has (spec: its input norms, the projection of [embedding; hidden], its head)
+_MTP_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
+
+
+@dataclass(frozen=True)
+class StoredLayers:
+    """What a checkpoint's tensor names say about its depth and width; no tensor is read."""
+
+    decoder: frozenset[int]  # indices of decoder layers
+    mtp: frozenset[int]  # indices of MTP layers (those holding enorm / hnorm / eh_proj / shared_head)
+    experts: int  # one past the highest routed-expert index any layer stores (0: no per-expert keys)
+
+    @property
+    def indices(self) -> frozenset[int]:
+        return self.decoder | self.mtp
+
+    def holds_any(self, first: int, count: int) -> bool:
+        """Whether any layer ``first <= i < first + count`` is stored (where the config puts its MTP layers)."""
+        if not (_is_count(first) and _is_count(count)):
+            return False
+        return any(first <= i < first + count for i in self.indices)
+
+    @property
+    def decoder_depth(self) -> int:
+        """One past the highest decoder layer: what num_hidden_layers can be (gaps are reported after building)."""
+        return max(self.decoder) + 1 if self.decoder else 0
+
+
+def stored_layers(keys: Iterable[str]) -> StoredLayers:
+    """Layer indices (decoder vs MTP) and routed experts per layer named by ``keys`` (an index's weight_map)."""
+    layers: set[int] = set()
+    mtp: set[int] = set()
+    experts = -1
+    for key in keys:
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            continue
+        index, part = int(match.group(1)), match.group(2)
+        layers.add(index)
+        if part.startswith(_MTP_PARTS):
+            mtp.add(index)
+        expert = _EXPERT_PART.match(part)
+        if expert is not None:
+            experts = max(experts, int(expert.group(1)))
+    return StoredLayers(decoder=frozenset(layers - mtp), mtp=frozenset(mtp), experts=experts + 1)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: The config fields :func:`check_sizes_against_keys` compares with the checkpoint.
+SIZE_FIELDS = ("num_hidden_layers", "num_nextn_predict_layers", "n_routed_experts")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _span(indices: frozenset[int]) -> str:
+    return f"{min(indices)}..{max(indices)}" if len(indices) > 1 else str(min(indices))
+
+
+def check_sizes_against_keys(
+    stored: StoredLayers,
+    where: str | os.PathLike,
+    load_mtp: bool,
+    *,
+    num_hidden_layers: int,
+    num_nextn_predict_layers: int,
+    n_routed_experts: int,
+) -> None:
+    """Raise ``CheckpointError`` when the config asks for more decoder layers, MTP layers or routed experts per
+    layer than the checkpoint stores; each message names the config.json field, both numbers and the fix.
+
+    Fewer is left to the checks after the skeleton exists (cheap then, and a shallower model is a legitimate
+    request). A checkpoint with no layer keys at all is not judged here (its names are not this layout's), nor
+    are sizes that are not integers (config validation names those)."""
+    sizes = (num_hidden_layers, num_nextn_predict_layers, n_routed_experts)
+    if not stored.indices or not all(_is_count(v) for v in sizes):
+        return
+    where = os.path.normpath(where)
+    elsewhere = "or load the directory these weights belong to. Refused before building the model."
+    if num_hidden_layers > stored.decoder_depth:
+        decoder = f"layers.{_span(stored.decoder)}" if stored.decoder else "none"
+        mtp = f" and {_count(len(stored.mtp), 'MTP layer')} (layers.{_span(stored.mtp)})" if stored.mtp else ""
+        raise CheckpointError(
+            f"{where}: its shards hold layers 0..{max(stored.indices)} but config.json asks for "
+            f"num_hidden_layers={num_hidden_layers}: the checkpoint has {_count(stored.decoder_depth, 'decoder layer')} "
+            f"({decoder}){mtp}. config.json's `num_hidden_layers` does not describe these weights: set it to "
+            f"{stored.decoder_depth} (restore the checkpoint's own config.json), {elsewhere}"
+        )
+    wanted_mtp = num_nextn_predict_layers if load_mtp else 0
+    if wanted_mtp > len(stored.mtp):
+        held = f"{_count(len(stored.mtp), 'MTP layer')} (layers.{_span(stored.mtp)})" if stored.mtp else "no MTP layer"
+        raise CheckpointError(
+            f"{where}: config.json's `num_nextn_predict_layers` is {num_nextn_predict_layers} but the checkpoint "
+            f"stores {held}. Pass load_mtp=False to build the model without MTP, set `num_nextn_predict_layers` to "
+            f"{len(stored.mtp)} (restore the checkpoint's own config.json), {elsewhere}"
+        )
+    if stored.experts and n_routed_experts > stored.experts:
+        raise CheckpointError(
+            f"{where}: config.json's `n_routed_experts` is {n_routed_experts} but the checkpoint stores "
+            f"{_count(stored.experts, 'routed expert')} per MoE layer (mlp.experts.0..{stored.experts - 1}). "
+            f"config.json does not describe these weights: set `n_routed_experts` to {stored.experts} (restore the "
+            f"checkpoint's own config.json), {elsewhere}"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -125,6 +126,7 @@ def make_tiny_checkpoint(
     scale_fmt: str | None = None,
     overrides: dict | None = None,
     tokenizer: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random tiny model in the exact official layout and return its directory.
 
@@ -136,10 +138,15 @@ def make_tiny_checkpoint(
     fields of :data:`TINY_CONFIG`. With ``tokenizer=True`` a small byte-level BPE with DeepSeek's special
     tokens and chat template is saved alongside (so ``pipeline()`` and chat work), plus a greedy
     ``generation_config.json``. The directory appears only when complete (:func:`~.atomic.atomic_directory`).
+
+    ``path`` must not exist or be an empty directory. ``overwrite=True`` replaces a directory only when it holds
+    a checkpoint of this function and nothing else (:func:`_check_replaceable`): the replaced directory is
+    deleted whole, so a folder with anything else in it is refused, listing what is in the way.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
     path = Path(path)
+    _check_replaceable(path, overwrite)
     config_dict = dict(TINY_CONFIG)
     config_dict.update(overrides or {})
     if not mtp:
@@ -187,7 +194,82 @@ def make_tiny_checkpoint(
             tok.save_pretrained(staging)
             generation["pad_token_id"] = tok.pad_token_id
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _check_replaceable(path, overwrite)  # again: the folder may have changed while the weights were written
     return path
+
+
+#: What :func:`make_tiny_checkpoint` writes, besides its shards: a folder holding nothing else is its output.
+_WRITTEN_FILES = frozenset(
+    {
+        INDEX_NAME,
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    }
+)
+_SHARD_FILE = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def _written_here(entry: Path) -> bool:
+    """A plain file (not a link, not a folder) under a name this module writes."""
+    return (
+        entry.is_file()
+        and not entry.is_symlink()
+        and (entry.name in _WRITTEN_FILES or _SHARD_FILE.fullmatch(entry.name) is not None)
+    )
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but an empty folder or (``overwrite``) a tiny checkpoint written here.
+
+    Publishing (:func:`~.atomic.publish_directory`) deletes the old directory whole, so "replaced" must never
+    reach a user's folder that merely has the same name: without ``overwrite`` a non-empty folder is refused;
+    with it, a folder is replaced only when it holds config.json (of a DeepSeek-V3 model), weight shards named
+    as this module names them, and no other file or folder."""
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(
+            f"{path} exists and is not a directory; make-tiny writes a directory there. Choose another path."
+        )
+    names = sorted(os.listdir(path))
+    if not names:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{path} already exists and is not empty ({_listing(names)}). Pass overwrite=True (make-tiny "
+            "--overwrite) to replace a tiny checkpoint written there before, or choose a new directory."
+        )
+    foreign = [name + ("/" if (path / name).is_dir() else "") for name in names if not _written_here(path / name)]
+    if foreign:
+        problem = f"these are not files make-tiny writes: {_listing(foreign)}"
+    elif "config.json" not in names or not any(_SHARD_FILE.fullmatch(name) for name in names):
+        problem = "it lacks config.json or model-*-of-*.safetensors shards, so it is not a checkpoint make-tiny wrote"
+    elif _model_type(path / "config.json") not in ("deepseek_v3", "kimi_k2"):
+        problem = "its config.json is not a DeepSeek-V3 config, so it is not a checkpoint make-tiny wrote"
+    else:
+        return
+    raise FileExistsError(
+        f"{path} is not replaced although overwrite was asked for: {problem}. Replacing deletes the whole folder, "
+        "so it is done only for a folder holding nothing but a tiny checkpoint; move those files away or choose a "
+        "new directory."
+    )
+
+
+def _model_type(config_path: Path):
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def _mtp_copy_source(name: str, config) -> str | None:

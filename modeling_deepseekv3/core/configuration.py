@@ -6,7 +6,7 @@ configs (including the legacy ``rope_scaling`` dict, ``quantization_config``, ``
 field, because a silently mis-configured MoE (wrong group count, too many experts per token) produces a
 model that runs and is wrong.
 
-Two things differ from a plain transformers config, both on purpose (see ``design.md``):
+Two things differ from a plain transformers config, both on purpose:
 
 * ``quantization_config`` of the official FP8 checkpoints is *hidden* from transformers. If transformers
   saw it, its fine-grained FP8 quantizer would dequantize the weights to BF16 on CPU (dropping the scales)
@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from ..fp8 import FP8_COMPUTE_MODES
+
 __all__ = [
     "FP8_COMPUTE_MODES",
     "LATENT_CACHE_FORMATS",
@@ -34,10 +36,10 @@ __all__ = [
 ]
 
 # Allowed values of the plugin knobs, defined here once (attention, cache, CLI and placement import them).
-#: ``fp8_compute``: "auto" picks per device (fp8/gpu.py ``resolve_backend``); the others are the backends themselves.
-FP8_COMPUTE_MODES = ("auto", "dequant", "native", "scaled_mm", "w8a16")
 MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
-LATENT_CACHE_FORMATS = ("auto", "fp8", "fp8_plain")
+LATENT_CACHE_FORMATS = ("dtype", "fp8", "fp8_plain")
+# earlier name of "dtype" (it chose nothing): configs saved with it still load, as "dtype"
+_LATENT_CACHE_FORMAT_ALIASES = {"auto": "dtype"}
 # ``pretrain --pp-schedule``: schedule -> placement of its stages (``distributed/pipeline.py``): "v" two per rank in
 # a V, "single" one per rank, "loop" two per rank, looped
 PIPELINE_SCHEDULES = {"dualpipev": "v", "zbv": "v", "gpipe": "single", "1f1b": "single", "interleaved1f1b": "loop"}
@@ -49,17 +51,12 @@ _MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 # Fields derived from others; recomputed on load, never written to config.json.
 _DERIVED_FIELDS = ("qk_head_dim", "head_dim", "_checkpoint_model_type")
 
-#: ``model.config.model_type`` of a built model. PEFT 0.21 rewrites LoRA targets for "deepseek_v3" into
-#: fused-expert parameters this model does not have (dropping every MLP/expert target); a model built by
-#: this package reports this value at run time instead. config.json keeps the official model_type.
-RUNTIME_MODEL_TYPE = "deepseek_v3_latent"
-
 
 class DeepseekV3PluginConfig(PreTrainedConfig):
     r"""Configuration of a DeepSeek-V3-architecture model (V3, R1, V3-0324, V3.1, Kimi-K2, Moonlight).
 
     Defaults are the published DeepSeek-V3 values, so ``DeepseekV3Config()`` describes the 671B model.
-    Field names and meanings are those of the official ``config.json`` (see ``spec/deepseek_v3.md`` §1);
+    Field names and meanings are those of the official ``config.json`` (see ``docs/deepseek_v3.md`` §1);
     ``aux_loss_alpha`` is kept as published (0.001) although the paper's balance-loss alpha is 0.0001.
 
     Plugin knobs (config attributes, so ``from_pretrained(path, knob=value)`` works and they survive
@@ -92,15 +89,15 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         over the experts that received tokens. Not used for training or experts spread over devices.
     ``balance_loss_alpha`` (float, default 1e-4), ``routing_bias_update_rate`` (float, default 0.0),
     ``mtp_loss_weight`` (float, default 0.1)
-        MoE training controls (``training.py``): the sequence-wise balance loss weight (the official
-        ``aux_loss_alpha`` 0.001 is a stale default, spec §9.2), the aux-loss-free bias update rate
+        MoE training controls (``core/losses.py``, ``training/balance.py``): the sequence-wise balance loss weight (the official
+        ``aux_loss_alpha`` 0.001 is a stale default, docs/deepseek_v3.md §9.2), the aux-loss-free bias update rate
         (gamma; 0 = off), and the weight of the MTP loss when the MTP layer is loaded.
     ``mla_impl`` ("auto" | "absorb" | "expand", default "auto")
         Which latent-attention path runs: "expand" re-expands K/V from the cached latent (the reference;
         fast for long prompts), "absorb" attends over the latent itself (decode cost nearly flat in
         context), "auto" picks per call from the two paths' multiply-add counts.
-    ``latent_cache_format`` ("auto" | "fp8" | "fp8_plain", default "auto")
-        Storage of the latent KV cache: the compute dtype (BF16: 1152 bytes per token per layer),
+    ``latent_cache_format`` ("dtype" | "fp8" | "fp8_plain", default "dtype"; "auto" is read as "dtype")
+        Storage of the latent KV cache: the model's compute dtype (BF16: 1152 bytes per token per layer),
         FlashMLA's FP8 layout (656 B: e4m3 latent with per-128 FP32 scales + BF16 rope key), or every
         value in e4m3 without scales (576 B). See ``cache.py``.
     """
@@ -178,7 +175,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     mtp_loss_weight: float = 0.1
     moe_grouped_experts: bool = True
     mla_impl: str = "auto"
-    latent_cache_format: str = "auto"
+    latent_cache_format: str = "dtype"
 
     def __post_init__(self, **kwargs):
         own_type = kwargs.get("model_type", self.__dict__.get("model_type"))
@@ -191,6 +188,8 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         elif quant is not None:
             # Any other method (e.g. bitsandbytes for QLoRA) is transformers' business: leave it visible.
             kwargs["quantization_config"] = quant
+        _check_rope_dict_shape("rope_scaling", kwargs.get("rope_scaling"))
+        _check_rope_dict_shape("rope_parameters", self.rope_parameters)
         # transformers merges rope keys into these dicts in place; never mutate the caller's config dict.
         if isinstance(kwargs.get("rope_scaling"), dict):
             kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
@@ -200,6 +199,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.n_shared_experts is None:
             self.n_shared_experts = 0
+        self.latent_cache_format = _LATENT_CACHE_FORMAT_ALIASES.get(self.latent_cache_format, self.latent_cache_format)
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         # transformers' rope utilities read `head_dim` as the rotary width; for MLA that is the rope part.
         self.head_dim = self.qk_rope_head_dim
@@ -233,7 +233,7 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         return self.num_nextn_predict_layers if self.load_mtp else 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Spec §6: layer ``i`` is MoE iff ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``.
+        """docs/deepseek_v3.md §6: layer ``i`` is MoE iff ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``.
 
         MTP layers (indices ``>= num_hidden_layers``) follow the same rule, so in V3 they are MoE blocks.
         """
@@ -247,105 +247,33 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
     @property
     def rope_theta(self) -> float:
         theta = (self.rope_parameters or {}).get("rope_theta", 10000.0)
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-            raise ValueError(f"config field `rope_theta` must be a positive number, got {theta!r}.")
+        if not (_finite(theta) and theta > 0):
+            raise ValueError(f"config field `rope_theta` must be a finite positive number, got {theta!r}.")
         return float(theta)
 
     # ------------------------------------------------------------------------------------------
     def validate_deepseek(self) -> None:
-        """Raise ``ValueError`` naming the field for every inconsistency we can detect up front."""
-        positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-            "moe_layer_freq",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config field `{name}` must be a positive integer, got {value!r}.")
-        for name in ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"config field `{name}` must be a non-negative integer, got {value!r}.")
-        if self.q_lora_rank is not None and (
-            not isinstance(self.q_lora_rank, int) or isinstance(self.q_lora_rank, bool) or self.q_lora_rank <= 0
-        ):
-            raise ValueError(
-                f"config field `q_lora_rank` must be a positive integer, or null for a direct q_proj "
-                f"(as in Moonlight); got {self.q_lora_rank!r}."
-            )
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(
-                f"config field `qk_rope_head_dim` must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}."
-            )
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(
-                f"config field `n_group` ({self.n_group}) must divide `n_routed_experts` "
-                f"({self.n_routed_experts}): experts are split into equal contiguous groups."
-            )
-        if self.topk_group > self.n_group:
-            raise ValueError(
-                f"config field `topk_group` ({self.topk_group}) cannot exceed `n_group` ({self.n_group})."
-            )
-        kept = self.topk_group * (self.n_routed_experts // self.n_group)
-        if self.num_experts_per_tok > kept:
-            raise ValueError(
-                f"config field `num_experts_per_tok` ({self.num_experts_per_tok}) is larger than the "
-                f"{kept} experts left in the `topk_group`={self.topk_group} kept groups "
-                f"({self.n_routed_experts // self.n_group} experts per group)."
-            )
-        if self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
-            raise ValueError(
-                f"config field `n_group` ({self.n_group}) leaves fewer than 2 experts per group; the group "
-                "score is the sum of each group's top-2 experts."
-            )
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ValueError(
-                f"config field `first_k_dense_replace` ({self.first_k_dense_replace}) is larger than "
-                f"`num_hidden_layers` ({self.num_hidden_layers})."
-            )
-        if self.scoring_func not in _SUPPORTED_SCORING:
-            raise ValueError(
-                f"config field `scoring_func` is {self.scoring_func!r}; this package implements the "
-                f"DeepSeek-V3 router, which needs {_SUPPORTED_SCORING[0]!r}."
-            )
-        if self.topk_method not in _SUPPORTED_TOPK:
-            raise ValueError(
-                f"config field `topk_method` is {self.topk_method!r}; this package implements the "
-                f"aux-loss-free group-limited router, {_SUPPORTED_TOPK[0]!r}."
-            )
-        for name, allowed in (
-            ("fp8_compute", FP8_COMPUTE_MODES),
-            ("mla_impl", MLA_IMPLEMENTATIONS),
-            ("latent_cache_format", LATENT_CACHE_FORMATS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"config field `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
-        from transformers.activations import ACT2FN
+        """Raise ``ValueError`` naming the field for every inconsistency we can detect up front.
 
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"config field `hidden_act` is {self.hidden_act!r}, which transformers does not know.")
-        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
-            raise ValueError(
-                f"config field `routed_scaling_factor` must be > 0, got {self.routed_scaling_factor!r}."
-            )
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ValueError(f"config field `rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
-        if not (isinstance(self.attention_dropout, (int, float)) and 0 <= self.attention_dropout < 1):
-            raise ValueError(f"config field `attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        The checks are tables (module level, below the class): each field's own type and range, then the
+        relations between fields (which may assume the types are right), then the rope parameters. NaN,
+        infinity or a negative scale is refused like a missing value: the forward would not raise on it, it
+        would return NaN logits."""
+        for name, ok, expected in _FIELD_RULES:
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"config field `{name}` " + expected.format(value=value))
+        for name, ok, explain in _RELATION_RULES:
+            if not ok(self):
+                raise ValueError(f"config field `{name}` " + explain(self))
+        _check_parameter_estimate(self)
         self.rope_theta  # noqa: B018 -- the property validates the value, naming the field
         yarn = self.yarn_parameters
         if yarn is not None:
-            factor = yarn.get("factor")
-            if not isinstance(factor, (int, float)) or factor < 1:
-                raise ValueError(f"config field `rope_scaling.factor` must be >= 1 for YaRN, got {factor!r}.")
-            omp = yarn.get("original_max_position_embeddings")
-            if not isinstance(omp, int) or omp <= 0:
-                raise ValueError(
-                    "config field `rope_scaling.original_max_position_embeddings` must be a positive integer "
-                    f"for YaRN, got {omp!r}."
-                )
+            for key, ok, expected in _YARN_RULES:
+                value = yarn.get(key)
+                if not ok(value):
+                    raise ValueError(f"config field `rope_scaling.{key}` " + expected.format(value=value))
         else:
             check_rope_type(self)  # default, linear, dynamic (or an error naming the field)
 
@@ -367,6 +295,208 @@ class DeepseekV3PluginConfig(PreTrainedConfig):
         rope.pop("type", None)
         out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation tables. Each row: (field, predicate, what is expected). A field row's text is completed with
+# ``.format(value=...)``; a relation row's text is a function of the config, as it quotes other fields.
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """A real number that arithmetic keeps meaningful: JSON's NaN and Infinity parse as floats too."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_activation(value) -> bool:
+    from transformers.activations import ACT2FN
+
+    return isinstance(value, str) and value in ACT2FN
+
+
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "max_position_embeddings",
+    "moe_layer_freq",
+)
+_NON_NEGATIVE_INTS = ("n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace")
+# loss weights, rates and the init scale: 0 switches the term off, a negative value is never meant
+_NON_NEGATIVE_REALS = (
+    "aux_loss_alpha",
+    "initializer_range",
+    "balance_loss_alpha",
+    "routing_bias_update_rate",
+    "mtp_loss_weight",
+)
+
+_FIELD_RULES: tuple[tuple[str, Any, str], ...] = (
+    *((name, lambda v: _int(v) and v > 0, "must be a positive integer, got {value!r}.") for name in _POSITIVE_INTS),
+    *(
+        (name, lambda v: _int(v) and v >= 0, "must be a non-negative integer, got {value!r}.")
+        for name in _NON_NEGATIVE_INTS
+    ),
+    (
+        "q_lora_rank",
+        lambda v: v is None or (_int(v) and v > 0),
+        "must be a positive integer, or null for a direct q_proj (as in Moonlight); got {value!r}.",
+    ),
+    (
+        "scoring_func",
+        lambda v: v in _SUPPORTED_SCORING,
+        f"is {{value!r}}; this package implements the DeepSeek-V3 router, which needs {_SUPPORTED_SCORING[0]!r}.",
+    ),
+    (
+        "topk_method",
+        lambda v: v in _SUPPORTED_TOPK,
+        f"is {{value!r}}; this package implements the aux-loss-free group-limited router, {_SUPPORTED_TOPK[0]!r}.",
+    ),
+    ("fp8_compute", lambda v: v in FP8_COMPUTE_MODES, f"must be one of {FP8_COMPUTE_MODES}, got {{value!r}}."),
+    ("mla_impl", lambda v: v in MLA_IMPLEMENTATIONS, f"must be one of {MLA_IMPLEMENTATIONS}, got {{value!r}}."),
+    (
+        "latent_cache_format",
+        lambda v: v in LATENT_CACHE_FORMATS,
+        f"must be one of {LATENT_CACHE_FORMATS}, got {{value!r}}.",
+    ),
+    ("hidden_act", _known_activation, "is {value!r}, which transformers does not know."),
+    ("routed_scaling_factor", lambda v: _finite(v) and v > 0, "must be a finite number > 0, got {value!r}."),
+    ("rms_norm_eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0, got {value!r}."),
+    ("attention_dropout", lambda v: _finite(v) and 0 <= v < 1, "must be a number in [0, 1), got {value!r}."),
+    *(
+        (name, lambda v: _finite(v) and v >= 0, "must be a finite number >= 0, got {value!r}.")
+        for name in _NON_NEGATIVE_REALS
+    ),
+)
+
+
+def _experts_per_group(c) -> int:
+    return c.n_routed_experts // c.n_group
+
+
+_RELATION_RULES: tuple[tuple[str, Any, Any], ...] = (
+    (
+        "qk_rope_head_dim",
+        lambda c: c.qk_rope_head_dim % 2 == 0,
+        lambda c: f"must be even (RoPE rotates pairs), got {c.qk_rope_head_dim}.",
+    ),
+    (
+        "n_group",
+        lambda c: c.n_routed_experts % c.n_group == 0,
+        lambda c: (
+            f"({c.n_group}) must divide `n_routed_experts` ({c.n_routed_experts}): experts are split into "
+            "equal contiguous groups."
+        ),
+    ),
+    (
+        "topk_group",
+        lambda c: c.topk_group <= c.n_group,
+        lambda c: f"({c.topk_group}) cannot exceed `n_group` ({c.n_group}).",
+    ),
+    (
+        "num_experts_per_tok",
+        lambda c: c.num_experts_per_tok <= c.topk_group * _experts_per_group(c),
+        lambda c: (
+            f"({c.num_experts_per_tok}) is larger than the {c.topk_group * _experts_per_group(c)} experts left "
+            f"in the `topk_group`={c.topk_group} kept groups ({_experts_per_group(c)} experts per group)."
+        ),
+    ),
+    (
+        "n_group",
+        lambda c: c.n_group == 1 or _experts_per_group(c) >= 2,
+        lambda c: (
+            f"({c.n_group}) leaves fewer than 2 experts per group; the group score is the sum of each group's "
+            "top-2 experts."
+        ),
+    ),
+    (
+        "first_k_dense_replace",
+        lambda c: c.first_k_dense_replace <= c.num_hidden_layers,
+        lambda c: f"({c.first_k_dense_replace}) is larger than `num_hidden_layers` ({c.num_hidden_layers}).",
+    ),
+)
+
+# YaRN keys of ``rope_scaling``. rope.py treats a missing (or 0) beta / attention_factor as "use the default",
+# and divides by ``0.1 * mscale_all_dim * ln(factor) + 1``, which a negative mscale_all_dim can make 0.
+_YARN_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("factor", lambda v: _finite(v) and v >= 1, "must be a finite number >= 1 for YaRN, got {value!r}."),
+    (
+        "original_max_position_embeddings",
+        lambda v: _int(v) and v > 0,
+        "must be a positive integer for YaRN, got {value!r}.",
+    ),
+    *(
+        (
+            key,
+            lambda v: v is None or (_finite(v) and v >= 0),
+            "must be a finite number >= 0 (or absent), got {value!r}.",
+        )
+        for key in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow", "attention_factor")
+    ),
+)
+
+#: No machine holds 2**50 (~1.1e15) parameters, ~1700x DeepSeek-V3: a config beyond it is a typo or a corrupt
+#: file, and building the model first would spend minutes and all memory before failing.
+MAX_PARAMETERS = 2**50
+
+
+def estimated_parameters(c) -> int:
+    """Parameters the config describes, to within the norms and biases (embeddings, MLA, dense and MoE MLPs)."""
+    heads, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    q = c.hidden_size * heads * qk if c.q_lora_rank is None else c.q_lora_rank * (c.hidden_size + heads * qk)
+    kv = c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * heads * (
+        c.qk_nope_head_dim + c.v_head_dim
+    )
+    attention = q + kv + heads * c.v_head_dim * c.hidden_size
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    moe_mlp = (
+        3 * c.hidden_size * c.moe_intermediate_size * (c.n_routed_experts + c.n_shared_experts)
+        + c.n_routed_experts * c.hidden_size
+    )
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    freq, first = c.moe_layer_freq, min(c.first_k_dense_replace, layers)
+    moe_layers = (layers + freq - 1) // freq - (first + freq - 1) // freq  # multiples of freq in [first, layers)
+    return (
+        2 * c.vocab_size * c.hidden_size + layers * attention + moe_layers * moe_mlp + (layers - moe_layers) * dense_mlp
+    )
+
+
+def _check_parameter_estimate(c) -> None:
+    count = estimated_parameters(c)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"config describes about {count:.3g} parameters (num_hidden_layers={c.num_hidden_layers}, "
+            f"n_routed_experts={c.n_routed_experts}, hidden_size={c.hidden_size}, "
+            f"moe_intermediate_size={c.moe_intermediate_size}, vocab_size={c.vocab_size}), more than any machine "
+            f"could build (at most {MAX_PARAMETERS:.3g}). The config.json is corrupt or mistyped: restore the "
+            "model's own config.json."
+        )
+
+
+def _check_rope_dict_shape(name: str, value) -> None:
+    """``rope_scaling`` / ``rope_parameters`` must be an object or null; transformers' rope code would otherwise
+    fail with an AttributeError that names no field."""
+    if value is not None and not isinstance(value, dict):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(
+            f'config field `{name}` must be a JSON object such as {{"type": "yarn", "factor": 40, '
+            f'"original_max_position_embeddings": 4096}}, or null for plain RoPE; got a {type(value).__name__}: '
+            f"{shown}."
+        )
 
 
 def _normalize_fp8_config(quant: dict) -> dict:
@@ -419,8 +549,10 @@ def check_rope_type(config) -> None:
         )
     if kind in ("linear", "dynamic"):
         factor = (config.rope_parameters or {}).get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-            raise ValueError(f"config field `rope_scaling.factor` must be a number >= 1 for {kind!r}, got {factor!r}.")
+        if not (_finite(factor) and factor >= 1):
+            raise ValueError(
+                f"config field `rope_scaling.factor` must be a finite number >= 1 for {kind!r}, got {factor!r}."
+            )
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
