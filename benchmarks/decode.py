@@ -37,13 +37,32 @@ from modeling_deepseekv3.core.cache import LatentCache
 from modeling_deepseekv3.core.rope import RotaryEmbedding
 
 V3_ATTENTION = {
-    "hidden_size": 7168, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
-    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "num_hidden_layers": 1, "first_k_dense_replace": 1, "intermediate_size": 256, "vocab_size": 256,
-    "n_routed_experts": 8, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 2,
+    "hidden_size": 7168,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "num_hidden_layers": 1,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 256,
+    "vocab_size": 256,
+    "n_routed_experts": 8,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_experts_per_tok": 2,
     "max_position_embeddings": 163840,
-    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
 }
 
 
@@ -55,7 +74,9 @@ def build_layers(dtype):
     ours = MLAttention(ours_cfg, layer_idx=0)
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "layernorm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p) if "layernorm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5
+            )
     native = native_mod.DeepseekV3Attention(native_cfg, layer_idx=0)
     native.load_state_dict(ours.state_dict(), strict=True)
     ours, native = ours.to(dtype).eval(), native.to(dtype).eval()
@@ -121,8 +142,11 @@ def bench_attention(contexts, dtypes, repeats):
             t_ours, t_native = times["ours"], times["native"]
             speedup = ratio(t_native, t_ours, f"ctx {context}")
             rows.append((str(dtype)[6:], context, t_native * 1e3, t_ours * 1e3, speedup))
-            print(f"  ctx {context:6d}: native {t_native * 1e3:9.1f} ms/token   ours {t_ours * 1e3:7.1f} ms/token   "
-                  f"ratio {speedup:6.1f}x", flush=True)
+            print(
+                f"  ctx {context:6d}: native {t_native * 1e3:9.1f} ms/token   ours {t_ours * 1e3:7.1f} ms/token   "
+                f"ratio {speedup:6.1f}x",
+                flush=True,
+            )
         base = next(r for r in rows if r[0] == str(dtype)[6:] and r[1] == contexts[0])
         for r in rows:
             if r[0] == str(dtype)[6:] and r[1] != contexts[0]:
@@ -138,35 +162,57 @@ def bench_crossover(lengths, repeats):
     for s in lengths:
         x = torch.randn(1, s, cfg.hidden_size)
         pe = rope(torch.arange(s)[None])
+
         def run(impl, x=x, pe=pe):
             cfg.mla_impl = impl
             with torch.no_grad():
                 layer(x, pe, None, None)
 
-        times = interleaved({impl: (lambda impl=impl: run(impl)) for impl in ("absorb", "expand")}, rounds=repeats,
-                            min_time=0.1, max_repeat=5)
+        times = interleaved(
+            {impl: (lambda impl=impl: run(impl)) for impl in ("absorb", "expand")},
+            rounds=repeats,
+            min_time=0.1,
+            max_repeat=5,
+        )
         cfg.mla_impl = "auto"
         pick = layer.choose_path(s, s)
-        print(f"  S={s:5d}: absorb {times['absorb'] * 1e3:8.1f} ms   expand {times['expand'] * 1e3:8.1f} ms   "
-              f"auto -> {pick}")
-
+        print(
+            f"  S={s:5d}: absorb {times['absorb'] * 1e3:8.1f} ms   expand {times['expand'] * 1e3:8.1f} ms   "
+            f"auto -> {pick}"
+        )
 
 
 def bench_generate(context: int, new_tokens: int, repeats: int):
     """``generate()`` on a small multi-layer model after a long prompt: decode tokens/s from per-token
     timestamps (median step time over interleaved repeats), prefill separately, greedy outputs compared."""
     cfg = {
-        "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 1024, "moe_intermediate_size": 256,
-        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "q_lora_rank": 384, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "n_routed_experts": 8, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 2,
-        "max_position_embeddings": 8192, "rope_scaling": None,
+        "vocab_size": 4096,
+        "hidden_size": 1024,
+        "intermediate_size": 1024,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 8,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 8192,
+        "rope_scaling": None,
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = ds.make_tiny_checkpoint(os.path.join(tmp, "ckpt"), fp8=False, mtp=False, overrides=cfg)
         prompt = torch.randint(2, 4096, (1, context), generator=torch.Generator().manual_seed(0))
-        models = {"native": transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32),
-                  "ours": ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)}
+        models = {
+            "native": transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32),
+            "ours": ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32),
+        }
         models["native"].config._attn_implementation = "sdpa"
         steps = {name: [] for name in models}
         prefill = {name: [] for name in models}
@@ -184,11 +230,15 @@ def bench_generate(context: int, new_tokens: int, repeats: int):
         for name in models:
             step = checked(statistics.median(steps[name]), f"{name} decode step")
             tokens_s[name] = 1.0 / step
-            print(f"  {name:7s}: prefill {statistics.median(prefill[name]):6.2f} s, decode {tokens_s[name]:7.2f} tokens/s "
-                  f"(median of {len(steps[name])} steps, {step * 1e3:.1f} ms each)")
+            print(
+                f"  {name:7s}: prefill {statistics.median(prefill[name]):6.2f} s, decode {tokens_s[name]:7.2f} tokens/s "
+                f"(median of {len(steps[name])} steps, {step * 1e3:.1f} ms each)"
+            )
         same = torch.equal(outputs["ours"], outputs["native"])
-        print(f"  greedy outputs identical: {same}; ours/native decode speed: "
-              f"{ratio(1 / tokens_s['native'], 1 / tokens_s['ours'], 'decode step'):.1f}x")
+        print(
+            f"  greedy outputs identical: {same}; ours/native decode speed: "
+            f"{ratio(1 / tokens_s['native'], 1 / tokens_s['ours'], 'decode step'):.1f}x"
+        )
 
 
 def main():

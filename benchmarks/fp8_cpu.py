@@ -50,11 +50,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["2048x7168", "7168x2048", "4096x7168", "1536x7168", "576x7168", "24576x1536"]
 E2E = {  # V3's attention dims (heads of 128 + 64, latent 512) and routing shape, fewer and narrower layers:
     # ~0.9B FP8 parameters, ~0.4B of them read per token, the lm_head ~6% of that (V3: 2.5%)
-    "vocab_size": 8192, "hidden_size": 3072, "intermediate_size": 8192, "moe_intermediate_size": 1536,
-    "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 24, "num_key_value_heads": 24,
-    "q_lora_rank": 1024, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
-    "max_position_embeddings": 4096, "rope_scaling": None,
+    "vocab_size": 8192,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 4,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 24,
+    "q_lora_rank": 1024,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_shared_experts": 1,
+    "n_group": 4,
+    "topk_group": 2,
+    "max_position_embeddings": 4096,
+    "rope_scaling": None,
 }
 
 
@@ -72,9 +87,13 @@ def cycler(items):
 
 
 def bench_gemm(shapes, rows_list, cold_mib: int, rounds: int):
-    print(f"== 1. per GEMM: ms per call (weights cycled over {cold_mib} MiB per format{'' if cold_mib else ': hot'}) ==")
-    print(f"  {'shape':>10s} {'rows':>4s} | {'fp8 auto':>8s} {'fp32':>8s} {'bf16':>8s} {'deq+lin':>8s} | "
-          f"fp32/fp8  bf16/fp8  deq/fp8 | fp8(bf16 in) vs bf16")
+    print(
+        f"== 1. per GEMM: ms per call (weights cycled over {cold_mib} MiB per format{'' if cold_mib else ': hot'}) =="
+    )
+    print(
+        f"  {'shape':>10s} {'rows':>4s} | {'fp8 auto':>8s} {'fp32':>8s} {'bf16':>8s} {'deq+lin':>8s} | "
+        f"fp32/fp8  bf16/fp8  deq/fp8 | fp8(bf16 in) vs bf16"
+    )
     for shape in shapes:
         m, n = (int(v) for v in shape.split("x"))
         base = FP8Linear(n, m)
@@ -100,10 +119,12 @@ def bench_gemm(shapes, rows_list, cold_mib: int, rounds: int):
                 diff = (fp8[0](x) - F.linear(x, w32[0])).abs().max().item()
             deq = f"{ms(t['deq'])}" if "deq" in t else f"{'-':>8s}"
             deq_ratio = f"{ratio(t['deq'], t['fp8']):7.1f}x" if "deq" in t else f"{'-':>8s}"
-            print(f"  {shape:>10s} {rows:4d} | {ms(t['fp8'])} {ms(t['fp32'])} {ms(t['bf16'])} {deq} | "
-                  f"{ratio(t['fp32'], t['fp8']):7.2f}x {ratio(t['bf16'], t['fp8']):8.2f}x {deq_ratio} | "
-                  f"{ms(t['fp8_bf16'])} vs {ms(t['bf16'])} ({ratio(t['bf16'], t['fp8_bf16']):.2f}x)   max|diff| {diff:.1e}",
-                  flush=True)
+            print(
+                f"  {shape:>10s} {rows:4d} | {ms(t['fp8'])} {ms(t['fp32'])} {ms(t['bf16'])} {deq} | "
+                f"{ratio(t['fp32'], t['fp8']):7.2f}x {ratio(t['bf16'], t['fp8']):8.2f}x {deq_ratio} | "
+                f"{ms(t['fp8_bf16'])} vs {ms(t['bf16'])} ({ratio(t['bf16'], t['fp8_bf16']):.2f}x)   max|diff| {diff:.1e}",
+                flush=True,
+            )
         del fp8, ref, w32, w16
 
 
@@ -124,7 +145,9 @@ def bench_kv_b(rows_list, rounds: int, layers: int = 24):
     for i in range(layers):
         layer = KVBFP8Linear(rank, heads * (nope + v))
         layer.configure_heads(heads, nope, v)
-        layer.set_dense_weight(torch.randn(heads * (nope + v), rank, generator=torch.Generator().manual_seed(i)) / rank**0.5)
+        layer.set_dense_weight(
+            torch.randn(heads * (nope + v), rank, generator=torch.Generator().manual_seed(i)) / rank**0.5
+        )
         fp8.append(layer)
         d = layer.to_dense(torch.float32)
         dense.append(d)
@@ -133,9 +156,11 @@ def bench_kv_b(rows_list, rounds: int, layers: int = 24):
         ref.load_state_dict(layer.state_dict())
         per_call.append(ref)
     w = fp8[0].weight
-    print(f"  weight bytes per layer: FP8 {w.numel() / 2**20:.1f} MiB (+ scales); dense copy fp32 "
-          f"{4 * w.numel() / 2**20:.1f} MiB, bf16 {2 * w.numel() / 2**20:.1f} MiB; "
-          f"V3 (61 layers) fp32 copies: {61 * 4 * w.numel() / 2**30:.1f} GiB")
+    print(
+        f"  weight bytes per layer: FP8 {w.numel() / 2**20:.1f} MiB (+ scales); dense copy fp32 "
+        f"{4 * w.numel() / 2**20:.1f} MiB, bf16 {2 * w.numel() / 2**20:.1f} MiB; "
+        f"V3 (61 layers) fp32 copies: {61 * 4 * w.numel() / 2**30:.1f} GiB"
+    )
     nxt = {"fp8": cycler(fp8), "dense": cycler(dense), "per_call": cycler(per_call)}
     for rows in rows_list:
         x = torch.randn(1, heads, rows, nope)
@@ -148,17 +173,21 @@ def bench_kv_b(rows_list, rounds: int, layers: int = 24):
             if rows <= 16:
                 fns["per_call"] = run("per_call")
             t = interleaved(fns, rounds=rounds, min_time=0.2)
-            diff = (fp8[0](x, latent_attention=lambda q: q * 0.5) - dense[0](x, latent_attention=lambda q: q * 0.5))
+            diff = fp8[0](x, latent_attention=lambda q: q * 0.5) - dense[0](x, latent_attention=lambda q: q * 0.5)
         pc = f"per-call dequant {ms(t['per_call'])}" if "per_call" in t else ""
-        print(f"  rows/head {rows:3d}: FP8 head kernels {ms(t['fp8'])} ms, dense fp32 copy {ms(t['dense'])} ms "
-              f"({ratio(t['dense'], t['fp8']):.2f}x) {pc}  max|diff| {diff.abs().max().item():.1e}", flush=True)
-
+        print(
+            f"  rows/head {rows:3d}: FP8 head kernels {ms(t['fp8'])} ms, dense fp32 copy {ms(t['dense'])} ms "
+            f"({ratio(t['dense'], t['fp8']):.2f}x) {pc}  max|diff| {diff.abs().max().item():.1e}",
+            flush=True,
+        )
 
 
 def bench_e2e(prompt_len: int, new_tokens: int, repeats: int):
-    print(f"== 3. generate() decode, {E2E['num_hidden_layers']} layers (hidden {E2E['hidden_size']}, "
-          f"{E2E['n_routed_experts']} experts of {E2E['moe_intermediate_size']}, top {E2E['num_experts_per_tok']}), "
-          f"{prompt_len}-token prompt, {new_tokens} new tokens ==")
+    print(
+        f"== 3. generate() decode, {E2E['num_hidden_layers']} layers (hidden {E2E['hidden_size']}, "
+        f"{E2E['n_routed_experts']} experts of {E2E['moe_intermediate_size']}, top {E2E['num_experts_per_tok']}), "
+        f"{prompt_len}-token prompt, {new_tokens} new tokens =="
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         path = ds.make_tiny_checkpoint(os.path.join(tmp, "ckpt"), mtp=False, overrides=E2E, tokenizer=False)
@@ -188,12 +217,16 @@ def bench_e2e(prompt_len: int, new_tokens: int, repeats: int):
                 steps[name].extend(b - a for a, b in itertools.pairwise(stamps[1:]))
         step = {name: checked(statistics.median(v), f"{name} decode step") for name, v in steps.items()}
         for name in models:
-            print(f"  {name:20s}: {1 / step[name]:7.2f} tokens/s ({step[name] * 1e3:6.1f} ms/token, median of "
-                  f"{len(steps[name])} steps)")
+            print(
+                f"  {name:20s}: {1 / step[name]:7.2f} tokens/s ({step[name] * 1e3:6.1f} ms/token, median of "
+                f"{len(steps[name])} steps)"
+            )
         f = step["fp8 (fp32 compute)"]
-        print(f"  FP8-resident (fp32 compute) vs fp32-resident: {ratio(step['fp32 dequantized'], f):.2f}x faster; "
-              f"vs bf16-resident: {ratio(step['bf16 dequantized'], f):.2f}x; "
-              f"FP8 (bf16 compute) vs bf16-resident: {ratio(step['bf16 dequantized'], step['fp8 (bf16 compute)']):.2f}x")
+        print(
+            f"  FP8-resident (fp32 compute) vs fp32-resident: {ratio(step['fp32 dequantized'], f):.2f}x faster; "
+            f"vs bf16-resident: {ratio(step['bf16 dequantized'], f):.2f}x; "
+            f"FP8 (bf16 compute) vs bf16-resident: {ratio(step['bf16 dequantized'], step['fp8 (bf16 compute)']):.2f}x"
+        )
         same = torch.equal(outputs["fp8 (fp32 compute)"], outputs["fp32 dequantized"])
         print(f"  greedy tokens, FP8 vs fp32-dequantized: {'identical' if same else 'differ'}")
 
@@ -205,26 +238,44 @@ def bench_fresh_process(new_tokens: int, repeats: int):
     shipped = ROOT / "models" / "shakespeare-deepseek-v3"
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = shipped if (shipped / "config.json").exists() else ds.make_tiny_checkpoint(os.path.join(tmp, "tiny"))
-        print(f"== 4. fresh processes run the main job (examples/generate.py --model {ckpt.name} "
-              f"--max-new-tokens {new_tokens}) ==")
+        print(
+            f"== 4. fresh processes run the main job (examples/generate.py --model {ckpt.name} "
+            f"--max-new-tokens {new_tokens}) =="
+        )
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for mode in ("auto", "off"):
             env["DEEPSEEKV3_FP8_ISA"] = mode
             loads, gens, walls, built = [], [], [], False
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), "--model", str(ckpt),
-                                       "--max-new-tokens", str(new_tokens)], env=env, capture_output=True, text=True,
-                                      check=True)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        str(ROOT / "examples" / "generate.py"),
+                        "--model",
+                        str(ckpt),
+                        "--max-new-tokens",
+                        str(new_tokens),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 walls.append(time.perf_counter() - t0)
                 loads.append(float(re.search(r"loaded .* in ([0-9.]+)s", proc.stdout).group(1)))
-                first = re.search(r"(\d+) (?:new )?tokens in ([0-9.]+)s", proc.stdout)  # the first generate() it reports
+                first = re.search(
+                    r"(\d+) (?:new )?tokens in ([0-9.]+)s", proc.stdout
+                )  # the first generate() it reports
                 gens.append(float(first.group(2)))
                 built |= "building the FP8 CPU kernel" in proc.stderr
             label = "native kernel" if mode == "auto" else "DEEPSEEKV3_FP8_ISA=off (torch path)"
-            print(f"  {label:36s}: load {statistics.median(loads):5.2f}s, first generate ({first.group(1)} tokens) "
-                  f"{statistics.median(gens):6.2f}s, whole process {statistics.median(walls):6.2f}s "
-                  f"(medians of {repeats}; compiled anything: {built})", flush=True)
+            print(
+                f"  {label:36s}: load {statistics.median(loads):5.2f}s, first generate ({first.group(1)} tokens) "
+                f"{statistics.median(gens):6.2f}s, whole process {statistics.median(walls):6.2f}s "
+                f"(medians of {repeats}; compiled anything: {built})",
+                flush=True,
+            )
 
 
 def main():
@@ -244,8 +295,10 @@ def main():
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     native.load(strict=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native FP8 kernel variants here: "
-          f"{', '.join(native.supported_isas())} (library {native._state['path'].name})")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; native FP8 kernel variants here: "
+        f"{', '.join(native.supported_isas())} (library {native._state['path'].name})"
+    )
     if "gemm" in args.parts:
         bench_gemm(args.shapes, args.rows, args.cold_mib, args.rounds)
     if "kv_b" in args.parts:

@@ -43,8 +43,13 @@ def gemm_rowwise_scaled_mm(a_q, a_s, b_q, b_s):
     b_rows = b_s.repeat_interleave(128, 0)[: b_q.shape[0]]  # (N, K/128)
     for kb in range(k // 128):
         cols = slice(kb * 128, (kb + 1) * 128)
-        part = torch._scaled_mm(a_q[:, cols].contiguous(), b_q[:, cols].contiguous().t(), scale_a=a_s[:, kb : kb + 1].contiguous(),
-                                scale_b=b_rows[:, kb][None].contiguous(), out_dtype=torch.float32)
+        part = torch._scaled_mm(
+            a_q[:, cols].contiguous(),
+            b_q[:, cols].contiguous().t(),
+            scale_a=a_s[:, kb : kb + 1].contiguous(),
+            scale_b=b_rows[:, kb][None].contiguous(),
+            out_dtype=torch.float32,
+        )
         out = part if out is None else out + part
     return out
 
@@ -53,7 +58,11 @@ def bench_gemms():
     print("[1] per GEMM (fp32 master weights): SQNR vs fp32 of the recipe; CPU emulation variants")
     for t, k, n in SHAPES:
         gen = torch.Generator().manual_seed(0)
-        x, w, g = torch.randn(t, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5, torch.randn(t, n, generator=gen)
+        x, w, g = (
+            torch.randn(t, k, generator=gen),
+            torch.randn(n, k, generator=gen) / k**0.5,
+            torch.randn(t, n, generator=gen),
+        )
         base = torch.nn.Linear(k, n, bias=False)
         with torch.no_grad():
             base.weight.copy_(w)
@@ -61,18 +70,31 @@ def bench_gemms():
         xr = x.clone().requires_grad_(True)
         y = layer(xr)
         y.backward(g)
-        print(f"  T={t} K={k} N={n}: SQNR fprop {sqnr(y, x @ w.T):.1f} dB, dgrad {sqnr(xr.grad, g @ w):.1f} dB, "
-              f"wgrad {sqnr(layer.weight.grad, g.T @ x):.1f} dB (Gaussian upstream gradient)")
+        print(
+            f"  T={t} K={k} N={n}: SQNR fprop {sqnr(y, x @ w.T):.1f} dB, dgrad {sqnr(xr.grad, g @ w):.1f} dB, "
+            f"wgrad {sqnr(layer.weight.grad, g.T @ x):.1f} dB (Gaussian upstream gradient)"
+        )
         a_q, a_s = block_quantize(x, (1, 128))
         b_q, b_s = block_quantize(w, (128, 128))
         dq = block_dequantize(a_q, a_s, (1, 128)) @ block_dequantize(b_q, b_s, (128, 128)).t()
         rw = gemm_rowwise_scaled_mm(a_q, a_s, b_q, b_s)
-        times = interleaved({"dequant+matmul": lambda: block_dequantize(a_q, a_s, (1, 128)) @ block_dequantize(b_q, b_s, (128, 128)).t(),
-                             "rowwise _scaled_mm x K/128": lambda: gemm_rowwise_scaled_mm(a_q, a_s, b_q, b_s),
-                             "fp32 matmul": lambda: x @ w.t()}, rounds=3, min_time=0.2, max_repeat=5)
-        print(f"    emulations agree to {((dq - rw).norm() / dq.norm()).item():.1e}; ms: "
-              + ", ".join(f"{k_} {v * 1e3:.1f}" for k_, v in times.items())
-              + f"; dequant+matmul is {ratio(times['rowwise _scaled_mm x K/128'], times['dequant+matmul']):.2f}x faster than rowwise")
+        times = interleaved(
+            {
+                "dequant+matmul": lambda: (
+                    block_dequantize(a_q, a_s, (1, 128)) @ block_dequantize(b_q, b_s, (128, 128)).t()
+                ),
+                "rowwise _scaled_mm x K/128": lambda: gemm_rowwise_scaled_mm(a_q, a_s, b_q, b_s),
+                "fp32 matmul": lambda: x @ w.t(),
+            },
+            rounds=3,
+            min_time=0.2,
+            max_repeat=5,
+        )
+        print(
+            f"    emulations agree to {((dq - rw).norm() / dq.norm()).item():.1e}; ms: "
+            + ", ".join(f"{k_} {v * 1e3:.1f}" for k_, v in times.items())
+            + f"; dequant+matmul is {ratio(times['rowwise _scaled_mm x K/128'], times['dequant+matmul']):.2f}x faster than rowwise"
+        )
 
 
 def saved_bytes(layer, hidden, pe) -> int:
@@ -105,9 +127,11 @@ def bench_memory():
     b = saved_bytes(model.model.layers[1], hidden, pe)
     convert_to_fp8_training(model)
     f = saved_bytes(model.model.layers[1], hidden, pe)
-    print(f"  BF16 training: {b / 2**20:.1f} MiB; FP8 recipe: {f / 2**20:.1f} MiB ({f / b:.2f}x). The linears' inputs are "
-          "kept as FP8 + scales; norms, the attention core and the SwiGLU activations stay BF16 (the paper's optional "
-          "FP8 caching of SwiGLU inputs is not implemented)")
+    print(
+        f"  BF16 training: {b / 2**20:.1f} MiB; FP8 recipe: {f / 2**20:.1f} MiB ({f / b:.2f}x). The linears' inputs are "
+        "kept as FP8 + scales; norms, the attention core and the SwiGLU activations stay BF16 (the paper's optional "
+        "FP8 caching of SwiGLU inputs is not implemented)"
+    )
 
 
 def train(args, fp8: bool) -> tuple[list[float], float]:
@@ -115,16 +139,34 @@ def train(args, fp8: bool) -> tuple[list[float], float]:
 
     out = Path(args.workdir) / ("fp8" if fp8 else "fp32")
     t0 = time.perf_counter()
-    pretrain(PretrainArgs(model_config="shakespeare", data=[args.data], vocab_size=8192, output=str(out),
-                          seq_len=256, global_batch_size=args.batch, steps=args.steps, lr=2e-3, warmup_steps=30,
-                          fp8=fp8, log_json=str(out / "log.jsonl"), progress=False, export=False, seed=0))
+    pretrain(
+        PretrainArgs(
+            model_config="shakespeare",
+            data=[args.data],
+            vocab_size=8192,
+            output=str(out),
+            seq_len=256,
+            global_batch_size=args.batch,
+            steps=args.steps,
+            lr=2e-3,
+            warmup_steps=30,
+            fp8=fp8,
+            log_json=str(out / "log.jsonl"),
+            progress=False,
+            export=False,
+            seed=0,
+        )
+    )
     seconds = time.perf_counter() - t0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r["lm_loss"] for r in log], seconds / args.steps
 
 
 def smooth(values, window=25):
-    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 def bench_parity(args):
@@ -132,10 +174,14 @@ def bench_parity(args):
     fp32, s32 = train(args, fp8=False)
     fp8, s8 = train(args, fp8=True)
     a, b = smooth(fp32)[-1], smooth(fp8)[-1]
-    print(f"  final smoothed next-token loss: fp32 {a:.4f}, FP8 recipe {b:.4f}: relative gap {(b - a) / a * 100:+.2f}% "
-          f"(the paper's < 0.25% is at 16B/230B over ~1T tokens; this is a {args.steps}-step CPU run)")
-    print(f"  step time: fp32 {checked(s32, 'fp32 step'):.2f} s, FP8 emulated {checked(s8, 'fp8 step'):.2f} s "
-          f"({ratio(s8, s32):.2f}x: the CPU emulation dequantizes every operand; no speed claim on CPU)")
+    print(
+        f"  final smoothed next-token loss: fp32 {a:.4f}, FP8 recipe {b:.4f}: relative gap {(b - a) / a * 100:+.2f}% "
+        f"(the paper's < 0.25% is at 16B/230B over ~1T tokens; this is a {args.steps}-step CPU run)"
+    )
+    print(
+        f"  step time: fp32 {checked(s32, 'fp32 step'):.2f} s, FP8 emulated {checked(s8, 'fp8 step'):.2f} s "
+        f"({ratio(s8, s32):.2f}x: the CPU emulation dequantizes every operand; no speed claim on CPU)"
+    )
     try:
         import matplotlib
 
@@ -185,8 +231,10 @@ def bench_cuda():
         t_fp8 = timed(lambda: _gemm_cuda(a_q, a_s, (1, 128), b_q, b_s, (128, 128), torch.bfloat16))
         t_bf16 = timed(lambda: a @ w.t())
         flops = 2 * t * k * n
-        print(f"  {t}x{k}x{n}: FP8 {flops / t_fp8 / 1e12:.0f} TFLOP/s, BF16 {flops / t_bf16 / 1e12:.0f} TFLOP/s "
-              f"({ratio(t_bf16, t_fp8):.2f}x)")
+        print(
+            f"  {t}x{k}x{n}: FP8 {flops / t_fp8 / 1e12:.0f} TFLOP/s, BF16 {flops / t_bf16 / 1e12:.0f} TFLOP/s "
+            f"({ratio(t_bf16, t_fp8):.2f}x)"
+        )
 
 
 def main():

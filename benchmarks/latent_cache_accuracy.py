@@ -44,8 +44,10 @@ def main():
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         path = ds.make_tiny_checkpoint(Path(tmp) / "tiny", mtp=False)
+
         def load(**kw):
             return ds.DeepseekV3ForCausalLM.from_pretrained(path, **{"dtype": torch.float32, **kw})
+
         base = load()
         prompt = torch.randint(2, 1024, (1, 8), generator=torch.Generator().manual_seed(args.seed))
         gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
@@ -53,10 +55,15 @@ def main():
         with torch.no_grad():
             full = base(ref, use_cache=False).logits[0, 7:-1].float()
         print(f"tiny checkpoint, {args.tokens} greedy tokens, teacher-forced through the cache vs no-cache forward")
-        print(f"{'variant':28s} {'B/token/layer':>13s} {'max err':>8s} {'mean err':>9s} {'rel RMS':>8s} {'top-1':>6s} {'free run':>9s}")
-        variants = [("latent fp32 (reference)", {}), ("latent fp8 (FlashMLA 656B)", {"latent_cache_format": "fp8"}),
-                    ("latent fp8_plain (576B)", {"latent_cache_format": "fp8_plain"}),
-                    ("whole model in bf16", {"dtype": torch.bfloat16})]
+        print(
+            f"{'variant':28s} {'B/token/layer':>13s} {'max err':>8s} {'mean err':>9s} {'rel RMS':>8s} {'top-1':>6s} {'free run':>9s}"
+        )
+        variants = [
+            ("latent fp32 (reference)", {}),
+            ("latent fp8 (FlashMLA 656B)", {"latent_cache_format": "fp8"}),
+            ("latent fp8_plain (576B)", {"latent_cache_format": "fp8_plain"}),
+            ("whole model in bf16", {"dtype": torch.bfloat16}),
+        ]
         for name, kw in variants:
             model = load(**kw)
             logits, cache = replay(model, ref, 8)
@@ -65,11 +72,15 @@ def main():
             free = model.generate(prompt, **gen)[0, 8:]
             diverged = (free != ref[0, 8:]).nonzero()
             first = int(diverged[0]) if len(diverged) else args.tokens
-            v3 = ds.cache.latent_bytes_per_token(512, 64, cache.settings["latent_cache_format"], torch.bfloat16)
-            print(f"{name:28s} {v3:13d} {err.max():8.4f} {err.mean():9.5f} {(err.norm() / full.norm()):8.4f} "
-                  f"{top1:6.3f} {first:5d}/{args.tokens}")
-        print("(B/token/layer: DeepSeek-V3 dimensions, BF16 compute; 'free run': tokens equal to the reference "
-              "before the first divergence)")
+            v3 = ds.core.cache.latent_bytes_per_token(512, 64, cache.settings["latent_cache_format"], torch.bfloat16)
+            print(
+                f"{name:28s} {v3:13d} {err.max():8.4f} {err.mean():9.5f} {(err.norm() / full.norm()):8.4f} "
+                f"{top1:6.3f} {first:5d}/{args.tokens}"
+            )
+        print(
+            "(B/token/layer: DeepSeek-V3 dimensions, BF16 compute; 'free run': tokens equal to the reference "
+            "before the first divergence)"
+        )
     layer_level(1024)
 
 

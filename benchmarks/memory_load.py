@@ -110,13 +110,33 @@ def main():
     import modeling_deepseekv3 as ds
 
     overrides = {  # every FP8 dimension a multiple of 128 so transformers-native can load it
-        "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512,
-        "num_hidden_layers": args.layers, "first_k_dense_replace": 1, "num_attention_heads": 8,
-        "num_key_value_heads": 8, "q_lora_rank": 512, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 128, "v_head_dim": 128, "n_routed_experts": args.experts, "n_group": 8,
-        "topk_group": 4, "num_experts_per_tok": 8, "max_position_embeddings": 4096,
-        "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "vocab_size": 4096,
+        "hidden_size": 1024,
+        "intermediate_size": 2048,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": args.layers,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": 512,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 128,
+        "v_head_dim": 128,
+        "n_routed_experts": args.experts,
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     }
     tmp = None
     if args.keep is not None and (args.keep / "config.json").exists():
@@ -140,15 +160,19 @@ def main():
     )
 
     gib = 1024**3
-    print(f"checkpoint: {path} ({on_disk / gib:.3f} GiB on disk, FP8, {args.experts} experts x {args.layers - 1} MoE layers)")
+    print(
+        f"checkpoint: {path} ({on_disk / gib:.3f} GiB on disk, FP8, {args.experts} experts x {args.layers - 1} MoE layers)"
+    )
     print(f"{'':22s} {'resident':>12s} {'peak RSS load':>14s} {'RSS after fwd':>14s} {'load s':>8s}")
     for r in (ours, native):
         print(
             f"{r['name']:22s} {r['resident'] / gib:10.3f} G {r['peak_load'] / gib:12.3f} G "
             f"{r['after_forward'] / gib:12.3f} G {r['load_s']:8.2f}"
         )
-    print(f"ratio ours/native: resident {ours['resident'] / native['resident']:.3f} (goal <= 0.52), "
-          f"peak RSS during load {ours['peak_load'] / max(native['peak_load'], 1):.3f} (goal <= 0.35)")
+    print(
+        f"ratio ours/native: resident {ours['resident'] / native['resident']:.3f} (goal <= 0.52), "
+        f"peak RSS during load {ours['peak_load'] / max(native['peak_load'], 1):.3f} (goal <= 0.35)"
+    )
     if tmp is not None:
         tmp.cleanup()
 

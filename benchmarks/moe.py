@@ -25,11 +25,24 @@ from modeling_deepseekv3.core.moe import DeepseekV3MoE
 
 LAYER = {  # V3's routing (256 experts, top-8, 8 groups / 4 kept, 1 shared) with narrower experts, so the
     # layer fits in RAM twice (ours + native) in fp32
-    "hidden_size": 1536, "moe_intermediate_size": 512, "n_routed_experts": 256, "num_experts_per_tok": 8,
-    "n_group": 8, "topk_group": 4, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
-    "num_hidden_layers": 2, "first_k_dense_replace": 1, "vocab_size": 256, "intermediate_size": 256,
-    "num_attention_heads": 4, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 16, "v_head_dim": 16,
+    "hidden_size": 1536,
+    "moe_intermediate_size": 512,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "n_group": 8,
+    "topk_group": 4,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 1,
+    "vocab_size": 256,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 64,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 16,
 }
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 
@@ -79,8 +92,10 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; layer: hidden {LAYER['hidden_size']}, "
-          f"{LAYER['n_routed_experts']} experts x {LAYER['moe_intermediate_size']}, top-{LAYER['num_experts_per_tok']}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; layer: hidden {LAYER['hidden_size']}, "
+        f"{LAYER['n_routed_experts']} experts x {LAYER['moe_intermediate_size']}, top-{LAYER['num_experts_per_tok']}"
+    )
     for name in args.dtypes:
         dtype = getattr(torch, name)
         cfg, ours = build(dtype)
@@ -97,10 +112,12 @@ def main():
                 ours.experts.grouped = False
                 t_loop = compare({"loop": lambda: ours(x)}, rounds=3)["loop"]
                 ours.experts.grouped = True
-            print(f"  T={t:4d}: ours {t_ours * 1e3:8.2f} | native grouped_mm {times['grouped_mm'] * 1e3:8.2f} "
-                  f"({ratio(times['grouped_mm'], t_ours):4.2f}x) | native eager {times['eager'] * 1e3:8.2f} "
-                  f"({ratio(times['eager'], t_ours):4.2f}x) | ours per-expert loop {t_loop * 1e3:8.2f} "
-                  f"| max|diff| {max(diffs.values()):.1e}")
+            print(
+                f"  T={t:4d}: ours {t_ours * 1e3:8.2f} | native grouped_mm {times['grouped_mm'] * 1e3:8.2f} "
+                f"({ratio(times['grouped_mm'], t_ours):4.2f}x) | native eager {times['eager'] * 1e3:8.2f} "
+                f"({ratio(times['eager'], t_ours):4.2f}x) | ours per-expert loop {t_loop * 1e3:8.2f} "
+                f"| max|diff| {max(diffs.values()):.1e}"
+            )
         del natives
 
     print("[FP8-resident vs BF16-resident experts, ours; compute in bf16 and fp32]")
@@ -112,8 +129,10 @@ def main():
             if isinstance(module, ds.FP8Linear):
                 dense.get_submodule(name).weight.copy_(module.dequantized_weight(torch.bfloat16))
     dense = dense.to(torch.bfloat16).eval()
-    print(f"  expert weight bytes: FP8 {weight_bytes(fp8.experts) / 2**20:.1f} MiB, "
-          f"BF16 {weight_bytes(dense.experts) / 2**20:.1f} MiB ({weight_bytes(fp8.experts) / weight_bytes(dense.experts):.2f}x)")
+    print(
+        f"  expert weight bytes: FP8 {weight_bytes(fp8.experts) / 2**20:.1f} MiB, "
+        f"BF16 {weight_bytes(dense.experts) / 2**20:.1f} MiB ({weight_bytes(fp8.experts) / weight_bytes(dense.experts):.2f}x)"
+    )
     for dtype in (torch.bfloat16, torch.float32):
         dense_c = dense.to(dtype) if dtype == torch.float32 else dense
         for t in args.tokens:
@@ -121,9 +140,11 @@ def main():
             with torch.no_grad():
                 times = compare({"fp8": lambda: fp8(x), "dense": lambda: dense_c(x)}, rounds=3)
                 t_fp8, t_dense = times["fp8"], times["dense"]
-            print(f"  {str(dtype)[6:]:8s} T={t:4d}: FP8-resident {t_fp8 * 1e3:8.2f} ms, "
-                  f"{str(dense_c.experts[0].up_proj.weight.dtype)[6:]}-resident {t_dense * 1e3:8.2f} ms "
-                  f"({ratio(t_fp8, t_dense):.2f}x the time)")
+            print(
+                f"  {str(dtype)[6:]:8s} T={t:4d}: FP8-resident {t_fp8 * 1e3:8.2f} ms, "
+                f"{str(dense_c.experts[0].up_proj.weight.dtype)[6:]}-resident {t_dense * 1e3:8.2f} ms "
+                f"({ratio(t_fp8, t_dense):.2f}x the time)"
+            )
     bench_fp8_linear()
 
 
@@ -139,8 +160,10 @@ def bench_fp8_linear():
         x = torch.randn(rows, 7168)
         with torch.no_grad():
             times = compare({"auto": lambda: fast(x), "dequant": lambda: ref(x)}, rounds=3)
-        print(f"  rows {rows:3d}: auto {times['auto'] * 1e3:7.2f} ms, dequant {times['dequant'] * 1e3:7.2f} ms "
-              f"({ratio(times['dequant'], times['auto']):.1f}x)")
+        print(
+            f"  rows {rows:3d}: auto {times['auto'] * 1e3:7.2f} ms, dequant {times['dequant'] * 1e3:7.2f} ms "
+            f"({ratio(times['dequant'], times['auto']):.1f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,15 @@ def prompts(tok, n: int, length: int) -> list[torch.Tensor]:
 
 def timed_generate(model, batch, mask, new_tokens, **kw):
     t0 = time.perf_counter()
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, return_dict_in_generate=True, **kw)
+    out = model.generate(
+        batch,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **kw,
+    )
     return out, time.perf_counter() - t0
 
 
@@ -54,16 +61,24 @@ def main():
     transformers.logging.set_verbosity_error()
     model = ds.DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tok = ds.load_tokenizer(args.model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, FP8={model.config.is_fp8}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, FP8={model.config.is_fp8}"
+    )
     ps = prompts(tok, args.prompts, args.prompt_len)
 
     print(f"[acceptance] {len(ps)} held-out prompts x {args.new_tokens} greedy tokens")
     for k in (1, 2, 3):
         stats = None
         for p in ps:
-            out = model.generate(p, max_new_tokens=args.new_tokens, do_sample=False, use_mtp=True,
-                                 num_speculative_tokens=k, return_dict_in_generate=True)
+            out = model.generate(
+                p,
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                use_mtp=True,
+                num_speculative_tokens=k,
+                return_dict_in_generate=True,
+            )
             s = out.mtp_stats
             if stats is None:
                 stats = s
@@ -72,10 +87,14 @@ def main():
                 stats.accepted = [a + b for a, b in zip(stats.accepted, s.accepted)]
                 stats.forwards += s.forwards
                 stats.emitted += s.emitted
-        print(f"  k={k}: acceptance per position {', '.join(f'{a:.1%}' for a in stats.acceptance)}; "
-              f"{stats.tokens_per_forward:.2f} tokens per main-model forward")
+        print(
+            f"  k={k}: acceptance per position {', '.join(f'{a:.1%}' for a in stats.acceptance)}; "
+            f"{stats.tokens_per_forward:.2f} tokens per main-model forward"
+        )
 
-    print(f"[speed] decode tokens/s, greedy, {args.new_tokens} new tokens, medians of {args.repeats} interleaved repeats")
+    print(
+        f"[speed] decode tokens/s, greedy, {args.new_tokens} new tokens, medians of {args.repeats} interleaved repeats"
+    )
     for batch_size in (1, 8):
         rows = ps[:batch_size]
         batch = torch.cat(rows)
@@ -114,9 +133,11 @@ def main():
             _, seconds = timed_generate(m, p, None, args.new_tokens, **kw)
             times[name].append(seconds)
     med = {k: checked(statistics.median(v), k) for k, v in times.items()}
-    print(f"[native] batch 1 on the BF16 export (fp32 compute), {args.new_tokens} tokens: " + ", ".join(
-        f"{k} {args.new_tokens / v:.1f} tok/s" for k, v in med.items())
-          + f"; ours use_mtp / native use_mtp: {ratio(med['native use_mtp'], med['ours use_mtp']):.2f}x")
+    print(
+        f"[native] batch 1 on the BF16 export (fp32 compute), {args.new_tokens} tokens: "
+        + ", ".join(f"{k} {args.new_tokens / v:.1f} tok/s" for k, v in med.items())
+        + f"; ours use_mtp / native use_mtp: {ratio(med['native use_mtp'], med['ours use_mtp']):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -47,10 +47,26 @@ def _config():
     import modeling_deepseekv3 as ds
 
     return ds.DeepseekV3Config(
-        vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=LAYERS,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=512,
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=512,
         use_cache=False,
     )
 
@@ -60,7 +76,7 @@ def worker(schedule: str, steps: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from modeling_deepseekv3.distributed.data_parallel import init_layout
+    from modeling_deepseekv3.distributed.layout import init_layout
     from modeling_deepseekv3.distributed.pipeline import PipelineTrainer, num_stages
     from modeling_deepseekv3.modeling import DeepseekV3ForCausalLM
 
@@ -69,12 +85,15 @@ def worker(schedule: str, steps: int, out: str) -> None:
     layout = init_layout(None, pp)
     torch.manual_seed(0)
     config = _config()
+    config.mtp_loss_weight = 0.3
     model = DeepseekV3ForCausalLM(config).train()
     name, _, overlap = schedule.partition("+")
-    trainer = PipelineTrainer(model, layout, name, MICRO_BATCHES, 0.3, (MICRO_BATCH_SIZE, SEQ), timeline=True,
-                              overlap=bool(overlap))
-    windows = torch.randint(0, config.vocab_size, (MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ + 1),
-                            generator=torch.Generator().manual_seed(1))
+    trainer = PipelineTrainer(
+        model, layout, name, MICRO_BATCHES, (MICRO_BATCH_SIZE, SEQ), timeline=True, overlap=bool(overlap)
+    )
+    windows = torch.randint(
+        0, config.vocab_size, (MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ + 1), generator=torch.Generator().manual_seed(1)
+    )
     records = []
     for step in range(steps + 1):
         dist.barrier()
@@ -87,8 +106,9 @@ def worker(schedule: str, steps: int, out: str) -> None:
     everyone = [None] * pp
     dist.all_gather_object(everyone, records)
     if layout.is_main:
-        Path(out).write_text(json.dumps({"schedule": schedule, "ranks": pp, "stages": num_stages(name, pp),
-                                         "per_rank": everyone}))
+        Path(out).write_text(
+            json.dumps({"schedule": schedule, "ranks": pp, "stages": num_stages(name, pp), "per_rank": everyone})
+        )
     dist.destroy_process_group()
 
 
@@ -125,15 +145,38 @@ def summarize(result: dict) -> dict:
         formula = ("(PP-1)(F+B)", (stages - 1) * (f + b))
     elif result["schedule"].startswith("dualpipev"):
         formula = ("(PP/2-1)(F&B+B-3W)", (stages / 2 - 1) * ((f + b) + b - 3 * w))
-    return {"wall": statistics.median(walls), "busy": statistics.median(busies), "idle": statistics.median(idles),
-            "overlap": statistics.median(overlaps),
-            "F": f, "B": b, "W": w, "L": statistics.median(durations["L"]), "formula": formula, "steps": steps, "stages": stages}
+    return {
+        "wall": statistics.median(walls),
+        "busy": statistics.median(busies),
+        "idle": statistics.median(idles),
+        "overlap": statistics.median(overlaps),
+        "F": f,
+        "B": b,
+        "W": w,
+        "L": statistics.median(durations["L"]),
+        "formula": formula,
+        "steps": steps,
+        "stages": stages,
+    }
 
 
 def run(ranks: int, schedule: str, steps: int, tmp: Path) -> dict:
     out = tmp / f"{schedule}-{ranks}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-           __file__, "--worker", schedule, "--steps", str(steps), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        __file__,
+        "--worker",
+        schedule,
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode:
@@ -153,23 +196,31 @@ def main() -> None:
         worker(args.worker, args.steps, args.out)
         return
     cores = os.cpu_count() or 1
-    print(f"{LAYERS} layers, {MICRO_BATCHES} micro-batches of {MICRO_BATCH_SIZE} x {SEQ} tokens, gloo, 1 thread per "
-          f"rank, {cores} CPU cores; medians of {args.steps} steps")
-    header = (f"{'ranks':>5} {'schedule':<18} {'stages':>6} {'step s':>8} {'busy s':>8} {'idle s':>8} {'idle %':>7} "
-              f"{'F ms':>7} {'B ms':>7} {'W ms':>7} {'L ms':>7} {'overlap s':>9}  formula bubble")
+    print(
+        f"{LAYERS} layers, {MICRO_BATCHES} micro-batches of {MICRO_BATCH_SIZE} x {SEQ} tokens, gloo, 1 thread per "
+        f"rank, {cores} CPU cores; medians of {args.steps} steps"
+    )
+    header = (
+        f"{'ranks':>5} {'schedule':<18} {'stages':>6} {'step s':>8} {'busy s':>8} {'idle s':>8} {'idle %':>7} "
+        f"{'F ms':>7} {'B ms':>7} {'W ms':>7} {'L ms':>7} {'overlap s':>9}  formula bubble"
+    )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:
             for schedule in args.schedules:
                 s = summarize(run(ranks, schedule, args.steps, Path(tmp)))
                 if not (0 < s["busy"] <= s["wall"] * 1.001 and s["F"] > 0 and s["B"] > 0):
-                    print(f"{ranks:>5} {schedule:<18} implausible timings (busy {s['busy']:.3f} s of a "
-                          f"{s['wall']:.3f} s step); not reported")
+                    print(
+                        f"{ranks:>5} {schedule:<18} implausible timings (busy {s['busy']:.3f} s of a "
+                        f"{s['wall']:.3f} s step); not reported"
+                    )
                     continue
                 oversubscribed = ranks > cores
-                line = (f"{ranks:>5} {schedule:<18} {s.get('stages', ''):>6} {s['wall']:8.3f} {s['busy']:8.3f} "
-                        f"{s['idle']:8.3f} {100 * s['idle'] / s['wall']:6.1f}% {1e3 * s['F']:7.1f} "
-                        f"{1e3 * s['B']:7.1f} {1e3 * s['W']:7.1f} {1e3 * s['L']:7.1f} {s['overlap']:9.3f}  ")
+                line = (
+                    f"{ranks:>5} {schedule:<18} {s.get('stages', ''):>6} {s['wall']:8.3f} {s['busy']:8.3f} "
+                    f"{s['idle']:8.3f} {100 * s['idle'] / s['wall']:6.1f}% {1e3 * s['F']:7.1f} "
+                    f"{1e3 * s['B']:7.1f} {1e3 * s['W']:7.1f} {1e3 * s['L']:7.1f} {s['overlap']:9.3f}  "
+                )
                 if s["formula"] is None:
                     line += "(not in DualPipe's table)"
                 else:

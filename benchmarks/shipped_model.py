@@ -35,23 +35,33 @@ def main():
     transformers.logging.set_verbosity_error()
     missing = [str(p) for p in (*HELD_OUT, args.bf16 / "config.json", args.fp8 / "config.json") if not p.exists()]
     if missing:
-        raise SystemExit(f"missing: {', '.join(missing)} (run scripts/prepare_shakespeare.py; the BF16 export comes "
-                         "from the README's pretrain command)")
+        raise SystemExit(
+            f"missing: {', '.join(missing)} (run scripts/prepare_shakespeare.py; the BF16 export comes "
+            "from the README's pretrain command)"
+        )
     tok = ds.load_tokenizer(args.fp8)
     byte_len = token_byte_lengths(tok)
-    models = {"bf16 export": ds.DeepseekV3ForCausalLM.from_pretrained(args.bf16, dtype=torch.float32),
-              "fp8 export": ds.DeepseekV3ForCausalLM.from_pretrained(args.fp8, dtype=torch.float32)}
+    models = {
+        "bf16 export": ds.DeepseekV3ForCausalLM.from_pretrained(args.bf16, dtype=torch.float32),
+        "fp8 export": ds.DeepseekV3ForCausalLM.from_pretrained(args.fp8, dtype=torch.float32),
+    }
     assert models["fp8 export"].fp8_modules() and not models["bf16 export"].fp8_modules()
-    print(f"{'held-out text':18s} {'tokens':>7s} {'bytes':>7s} | " + " | ".join(f"{n:>16s}" for n in models)
-          + " | FP8 cost")
+    print(
+        f"{'held-out text':18s} {'tokens':>7s} {'bytes':>7s} | "
+        + " | ".join(f"{n:>16s}" for n in models)
+        + " | FP8 cost"
+    )
     for path in HELD_OUT:
         windows = eval_windows(TokenStream.from_files([path], tok), args.seq_len)
         res = {name: evaluate(m, windows, byte_len, 8) for name, m in models.items()}
         bpb = {name: r["eval_bits_per_byte"] for name, r in res.items()}
         first = next(iter(res.values()))
-        print(f"{path.name:18s} {first['eval_tokens']:7d} {first['eval_bytes']:7d} | "
-              + " | ".join(f"{v:11.4f} bits/B" for v in bpb.values())
-              + f" | {bpb['fp8 export'] - bpb['bf16 export']:+.4f} bits/byte", flush=True)
+        print(
+            f"{path.name:18s} {first['eval_tokens']:7d} {first['eval_bytes']:7d} | "
+            + " | ".join(f"{v:11.4f} bits/B" for v in bpb.values())
+            + f" | {bpb['fp8 export'] - bpb['bf16 export']:+.4f} bits/byte",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,12 @@ def soak(path: Path, fp8_compute: str, generations: int, new_tokens: int, loads:
             marks.append(rss_mib() - start)
     seconds = time.perf_counter() - t0
     grown = rss_mib() - start
-    print(f"  {fp8_compute:7s}: {generations} x generate({new_tokens}) in {seconds:.1f}s; RSS growth over the loop "
-          f"{grown:+.1f} MiB ({grown / generations:+.3f} MiB per generate; checkpoints "
-          f"{', '.join(f'{m:+.1f}' for m in marks)})", flush=True)
+    print(
+        f"  {fp8_compute:7s}: {generations} x generate({new_tokens}) in {seconds:.1f}s; RSS growth over the loop "
+        f"{grown:+.1f} MiB ({grown / generations:+.3f} MiB per generate; checkpoints "
+        f"{', '.join(f'{m:+.1f}' for m in marks)})",
+        flush=True,
+    )
     del model
     gc.collect()
     base = rss_mib()
@@ -62,8 +65,11 @@ def soak(path: Path, fp8_compute: str, generations: int, new_tokens: int, loads:
         del m
         gc.collect()
         after.append(rss_mib() - base)
-    print(f"  {fp8_compute:7s}: {loads} x load/generate/free: RSS after each {', '.join(f'{a:+.1f}' for a in after)} "
-          f"MiB (growth from the 2nd to the last: {after[-1] - after[0]:+.1f} MiB)", flush=True)
+    print(
+        f"  {fp8_compute:7s}: {loads} x load/generate/free: RSS after each {', '.join(f'{a:+.1f}' for a in after)} "
+        f"MiB (growth from the 2nd to the last: {after[-1] - after[0]:+.1f} MiB)",
+        flush=True,
+    )
 
 
 def main():

@@ -59,7 +59,7 @@ def collate(rows):
 def answer(question):
     inputs = encode(question)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 dataset = [encode(q, a) for q, a in pairs] * 8
@@ -68,11 +68,19 @@ targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", 
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))  # plain PEFT, FP8 base
 model.print_trainable_parameters()
 training = TrainingArguments(
-    output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=8, learning_rate=3e-3,
-    lr_scheduler_type="constant", logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+    output_dir=str(args.output),
+    max_steps=args.steps,
+    per_device_train_batch_size=8,
+    learning_rate=3e-3,
+    lr_scheduler_type="constant",
+    logging_steps=10,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
 )
-trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate,
-                  callbacks=[RoutingBiasCallback(gamma=0.0)])
+trainer = Trainer(
+    model=model, args=training, train_dataset=dataset, data_collator=collate, callbacks=[RoutingBiasCallback(gamma=0.0)]
+)
 result = trainer.train()
 losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
 print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} (final train_loss {result.training_loss:.3f})")

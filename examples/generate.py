@@ -30,12 +30,18 @@ t0 = time.perf_counter()
 model = ds.DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 compute: fast on CPU
 tokenizer = ds.load_tokenizer(args.model)
 fp8 = model.fp8_modules()
-print(f"loaded {args.model.name} in {time.perf_counter() - t0:.2f}s: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-      f"parameters, {len(fp8)} linears kept in FP8, MTP layers: {len(model.model.mtp_layers)}")
+print(
+    f"loaded {args.model.name} in {time.perf_counter() - t0:.2f}s: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+    f"parameters, {len(fp8)} linears kept in FP8, MTP layers: {len(model.model.mtp_layers)}"
+)
 
 ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "pad_token_id": tokenizer.pad_token_id,
-           "repetition_penalty": args.repetition_penalty}
+options = {
+    "max_new_tokens": args.max_new_tokens,
+    "do_sample": args.sample,
+    "pad_token_id": tokenizer.pad_token_id,
+    "repetition_penalty": args.repetition_penalty,
+}
 if args.sample:
     torch.manual_seed(0)
     options.update(temperature=0.8, top_p=0.95)
@@ -45,7 +51,7 @@ for mtp in (False, True):
     t0 = time.perf_counter()
     out = model.generate(ids, use_mtp=mtp, return_dict_in_generate=True, **options)
     seconds = time.perf_counter() - t0
-    new = out.sequences[0, ids.shape[1]:]
+    new = out.sequences[0, ids.shape[1] :]
     if not mtp:
         print("-" * 60 + "\n" + args.prompt + tokenizer.decode(new, skip_special_tokens=True) + "\n" + "-" * 60)
     if not mtp:
@@ -54,4 +60,6 @@ for mtp in (False, True):
     if mtp:  # greedy speculative decoding is lossless: the very same tokens
         same = "" if args.sample else f"; same tokens as plain: {torch.equal(new, plain)}"
         stats = f" ({out.mtp_stats.summary()}{same})"
-    print(f"{'with MTP' if mtp else 'plain   '}: {len(new)} tokens in {seconds:.2f}s = {len(new) / seconds:.1f} tokens/s{stats}")
+    print(
+        f"{'with MTP' if mtp else 'plain   '}: {len(new)} tokens in {seconds:.2f}s = {len(new) / seconds:.1f} tokens/s{stats}"
+    )

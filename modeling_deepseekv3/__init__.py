@@ -3,8 +3,8 @@
 Importing this package registers nothing with transformers; call :func:`register` for the Auto* route.
 """
 
-from .core.cache import LatentCache, StaticLatentCache
 from .checkpoint import CheckpointError, checkpoint_layout, convert_checkpoint, make_tiny_checkpoint
+from .core.cache import LatentCache, StaticLatentCache
 from .core.configuration import DeepseekV3Config, DeepseekV3PluginConfig, KimiK2Config
 from .fp8 import FP8Linear, block_dequantize, block_quantize
 from .integrations.tokenizer import build_tiny_tokenizer, deepseek_v3_tokenizer, load_tokenizer

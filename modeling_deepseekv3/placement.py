@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .core.cache import latent_bytes_per_token
 from .checkpoint.layout import checkpoint_layout
+from .core.cache import latent_bytes_per_token
 from .core.configuration import DeepseekV3PluginConfig
 
 __all__ = [
@@ -49,11 +49,21 @@ GiB = 1024**3
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)$")
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
-def _size_to_int(size) -> int:
+def parse_size(size) -> int:
     """Bytes from an int or a string such as ``"80GB"``, ``"1.5TB"``, ``"141GiB"``, ``"2TiB"``."""
     if isinstance(size, (int, float)):
         return int(size)
@@ -158,7 +168,9 @@ class Placement:
                 f"(first: {next(iter(self.unplaced))})."
             )
             lines.append("  what to change: add 'disk' to max_memory (experts can be read from the shards), raise")
-            lines.append("  the cpu budget, add GPUs, lower context_tokens or use latent_cache_format='fp8' (-43% cache),")
+            lines.append(
+                "  the cpu budget, add GPUs, lower context_tokens or use latent_cache_format='fp8' (-43% cache),"
+            )
             lines.append("  load_mtp=False (drops the MTP layer), or keep the checkpoint in FP8 (1 byte/param).")
         lines.extend(self.notes)
         return "\n".join(lines)
@@ -175,7 +187,7 @@ def plan_placement(
 ) -> Placement:
     """Plan a placement; never raises for lack of room (see :attr:`Placement.fits`). Arguments as in
     :func:`plan_device_map`."""
-    config = _as_config(config_or_path)
+    config = as_config(config_or_path)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if not max_memory:
@@ -183,7 +195,7 @@ def plan_placement(
     budget: dict[str | int, int] = {}
     for key, size in max_memory.items():
         dev = _device_key(key)
-        budget[dev] = _size_to_int(size)
+        budget[dev] = parse_size(size)
     gpus = sorted(d for d in budget if isinstance(d, int))
     for g in gpus:
         budget[g] = int(budget[g] * (1 - gpu_headroom))
@@ -192,8 +204,8 @@ def plan_placement(
 
     units = placement_units(config, dtype)
     fmt = config.latent_cache_format
-    cache_per_layer = context_tokens * batch_size * latent_bytes_per_token(
-        config.kv_lora_rank, config.qk_rope_head_dim, fmt, dtype
+    cache_per_layer = (
+        context_tokens * batch_size * latent_bytes_per_token(config.kv_lora_rank, config.qk_rope_head_dim, fmt, dtype)
     )
     used = {d: 0 for d in order}
     cache = {d: 0 for d in order}
@@ -216,7 +228,9 @@ def plan_placement(
             if "disk" in budget and dev == compute_home:
                 reserve = cache_per_layer * (pending["attention"] - (1 if is_attention else 0))
             fits_weights = used[dev] + cache[dev] + size + reserve + (extra if cache_dev == dev else 0) <= budget[dev]
-            fits_cache = extra == 0 or cache_dev == dev or used[cache_dev] + cache[cache_dev] + extra <= budget[cache_dev]
+            fits_cache = (
+                extra == 0 or cache_dev == dev or used[cache_dev] + cache[cache_dev] + extra <= budget[cache_dev]
+            )
             if fits_weights and fits_cache:
                 device_map[unit] = dev
                 used[dev] += size
@@ -272,7 +286,7 @@ def _place_contiguous(unit_names, sizes, gpus, order, put, cache_per_layer) -> N
         acc += size
 
 
-def _as_config(config_or_path) -> DeepseekV3PluginConfig:
+def as_config(config_or_path) -> DeepseekV3PluginConfig:
     if isinstance(config_or_path, DeepseekV3PluginConfig) or hasattr(config_or_path, "kv_lora_rank"):
         return config_or_path
     path = Path(os.fspath(config_or_path))
@@ -317,7 +331,9 @@ def compute_cpu_experts_on_cpu(model) -> int:
     in CPU RAM and a hook that runs it on the CPU (the activations move: 2 x 7168 values per token).
     Returns the number of experts changed."""
     device_map = getattr(model, "hf_device_map", None) or {}
-    has_gpu = any(isinstance(d, int) or (isinstance(d, str) and d.startswith(("cuda", "xpu"))) for d in device_map.values())
+    has_gpu = any(
+        isinstance(d, int) or (isinstance(d, str) and d.startswith(("cuda", "xpu"))) for d in device_map.values()
+    )
     targets = [name for name, dev in device_map.items() if dev == "cpu" and _EXPERT_KEY.search(name)]
     if not has_gpu or not targets:
         return 0
@@ -342,7 +358,5 @@ def compute_cpu_experts_on_cpu(model) -> int:
         for full, value in values.items():
             set_module_tensor_to_device(module, full, "cpu", value=value.to("cpu"))
         add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
-    for module in model.fp8_modules().values():
-        module.weight.requires_grad_(False)
-        module.weight_scale_inv.requires_grad_(False)
+    model.freeze_fp8_storage()
     return len(targets)

@@ -35,10 +35,22 @@ def main() -> int:
     kwargs = {}
     if args.mtp:
         kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": args.mtp}
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=longest, enforce_eager=True,
-              skip_tokenizer_init=True, seed=0, **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, min_tokens=args.max_new_tokens,
-                            ignore_eos=True, detokenize=False)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=longest,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        seed=0,
+        **kwargs,
+    )
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=args.max_new_tokens,
+        min_tokens=args.max_new_tokens,
+        ignore_eos=True,
+        detokenize=False,
+    )
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     json.dump({"tokens": tokens, "vllm": vllm.__version__}, sys.stdout)

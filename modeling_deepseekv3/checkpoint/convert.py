@@ -104,13 +104,25 @@ def convert_checkpoint(
         fp8_keys = {k for k, spec in layout.items() if spec.dtype == FP8_DTYPE}
         unknown = sorted(set(weight_map) - set(layout))
         if unknown:
-            logger.warning("convert: %d tensors are not in the official layout and are copied as they are (e.g. %s).", len(unknown), unknown[0])
+            logger.warning(
+                "convert: %d tensors are not in the official layout and are copied as they are (e.g. %s).",
+                len(unknown),
+                unknown[0],
+            )
 
     work = dst.parent / f"{dst.name}.partial"
     # what identifies the source: a resumed conversion must continue the same source, not a replaced one
-    source = {name: [os.path.getsize(src / name), os.stat(src / name).st_mtime_ns] for name in sorted(set(weight_map.values()))}
-    params = {"src": str(src.resolve()), "to": to, "scale_fmt": scale_fmt, "block_size": list(block_size),
-              "source_shards": source}
+    source = {
+        name: [os.path.getsize(src / name), os.stat(src / name).st_mtime_ns]
+        for name in sorted(set(weight_map.values()))
+    }
+    params = {
+        "src": str(src.resolve()),
+        "to": to,
+        "scale_fmt": scale_fmt,
+        "block_size": list(block_size),
+        "source_shards": source,
+    }
     params_file = work / ".convert-params.json"
     work.mkdir(parents=True, exist_ok=True)
     lock = _exclusive_lock(work / ".convert.lock", dst)
@@ -201,7 +213,9 @@ def _exclusive_lock(path: Path, dst: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise FileExistsError(f"another conversion into {dst} is running (lock {path}); wait for it to finish.") from None
+        raise FileExistsError(
+            f"another conversion into {dst} is running (lock {path}); wait for it to finish."
+        ) from None
     return handle
 
 

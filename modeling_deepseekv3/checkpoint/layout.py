@@ -1,7 +1,7 @@
 """The official checkpoint layout as one declarative table.
 
 ``checkpoint_layout(config)`` lists every tensor of an official-layout checkpoint (name, shape, dtype),
-derived from the config with the rules of ``spec/deepseek_v3.md`` §3.2. Everything that needs to know
+derived from the config with the rules of ``docs/deepseek_v3.md`` §3.2. Everything that needs to know
 "which tensors exist and which are FP8" reads this one table: the tiny-checkpoint writer, ``convert``,
 the placement planner, and the contract test that our model's ``state_dict`` has the same names and shapes.
 """
@@ -80,7 +80,7 @@ def checkpoint_layout(config, dense_dtype: torch.dtype = torch.bfloat16) -> dict
                 mlp(f"{p}.mlp.shared_experts", c.moe_intermediate_size * c.n_shared_experts)
         else:
             mlp(f"{p}.mlp", c.intermediate_size)
-        if i >= c.num_hidden_layers:  # MTP extras (spec §3.2)
+        if i >= c.num_hidden_layers:  # MTP extras (docs/deepseek_v3.md §3.2)
             dense(f"{p}.embed_tokens.weight", c.vocab_size, c.hidden_size)
             dense(f"{p}.enorm.weight", c.hidden_size)
             dense(f"{p}.hnorm.weight", c.hidden_size)

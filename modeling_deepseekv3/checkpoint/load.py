@@ -19,30 +19,28 @@ import json
 import os
 
 import torch
+from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .headers import (
     INDEX_NAME,
     SCALE_SUFFIX,
+    SIZE_FIELDS,
     CheckpointError,
     TensorInfo,
+    check_sizes_against_keys,
     inspect_checkpoint_dir,
     read_checkpoint_tensors,
+    stored_layers,
 )
 from .layout import mtp_layer_indices
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_checkpoint_against_model", "finalize_loaded_model", "prepare_from_pretrained"]
+__all__ = ["check_checkpoint_against_model", "check_loaded_values", "prepare_from_pretrained", "report_fp8_backend"]
 
 #: Task heads a checkpoint may legitimately lack (saved from the base model): initialized, not refused.
 HEAD_KEYS = ("lm_head.weight",)
-
-
-def _has_mtp_keys(keys, config) -> bool:
-    # a causal-LM checkpoint has model.layers.N.*, one saved from DeepseekV3Model has layers.N.*
-    prefixes = tuple(f"{p}layers.{i}." for i in mtp_layer_indices(config) for p in ("model.", ""))
-    return any(k.startswith(prefixes) for k in keys)
 
 
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
@@ -110,11 +108,11 @@ def check_local_checkout(path: str, subfolder: str = "") -> None:
 
 
 def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
-    """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present); sets
-    aside a 4-bit bitsandbytes request for an FP8 checkpoint (applied after loading, see
-    ``integrations/bitsandbytes.py``)."""
-    from ..integrations.bitsandbytes import is_4bit_request
+    """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present).
 
+    A config asking for more layers or experts than the checkpoint's tensor names hold is refused here, from the
+    index alone: transformers builds the whole skeleton before any tensor is matched, and for a mistyped
+    ``num_hidden_layers: 100000`` that took minutes and gigabytes before the missing tensors were reported."""
     kwargs = dict(kwargs)
     if path is not None:
         check_local_checkout(os.fspath(path), kwargs.get("subfolder") or "")
@@ -123,19 +121,31 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     def resolved_config():
         nonlocal config
         if config is None or isinstance(config, (str, os.PathLike)):
-            config = cls.config_class.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+            config = cls.config_class.from_pretrained(
+                config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            )
         return config
 
     if path is None:  # from_pretrained(None, config=..., state_dict=...): nothing on disk to check
         return kwargs
-    if is_4bit_request(kwargs.get("quantization_config")) and resolved_config().is_fp8:
-        kwargs["_deferred_4bit"] = kwargs.pop("quantization_config")
     keys = _checkpoint_keys_for(os.fspath(path), kwargs)
-    if keys is None or "load_mtp" in kwargs:
+    if keys is None:
         return kwargs
     config = resolved_config()
-    if config.num_nextn_predict_layers and config.load_mtp and not _has_mtp_keys(keys, config):
-        logger.info("Checkpoint has no MTP layer (model.layers.%d.*): building the model without it.", config.num_hidden_layers)
+    stored = stored_layers(keys)
+    # the sizes transformers will build: config.json's, or overrides such as from_pretrained(path,
+    # num_hidden_layers=2) (which transformers applies to a config it loads, not to a config object passed in)
+    overridable = not isinstance(kwargs.get("config"), PreTrainedConfig)
+    sizes = {name: kwargs[name] if overridable and name in kwargs else getattr(config, name) for name in SIZE_FIELDS}
+    has_mtp = stored.holds_any(sizes["num_hidden_layers"], sizes["num_nextn_predict_layers"])
+    load_mtp = bool(kwargs["load_mtp"]) if "load_mtp" in kwargs else bool(config.load_mtp) and has_mtp
+    check_sizes_against_keys(stored, os.path.join(os.fspath(path), kwargs.get("subfolder") or ""), load_mtp, **sizes)
+    if "load_mtp" in kwargs:
+        return kwargs
+    if config.num_nextn_predict_layers and config.load_mtp and not has_mtp:
+        logger.info(
+            "Checkpoint has no MTP layer (model.layers.%d.*): building the model without it.", config.num_hidden_layers
+        )
         if "config" in kwargs:
             kwargs["config"] = copy.deepcopy(config)
             kwargs["config"].load_mtp = False
@@ -177,7 +187,7 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
     prefix = model.base_model_prefix + "."
     is_base = not hasattr(model, model.base_model_prefix)
     if is_base:  # a DeepseekV3Model loaded from a ForCausalLM checkpoint: drop "model."
-        tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+        tensors = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in tensors.items()}
     elif tensors and not any(k.startswith(prefix) for k in tensors):
         tensors = {prefix + k: v for k, v in tensors.items()}
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
@@ -200,16 +210,18 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
             raise CheckpointError(problem)
         if key.endswith("e_score_correction_bias") and found.dtype != "F32":
             logger.warning(
-                "%s: %s is %s; the official checkpoints store it in FP32 and BF16 rounding can change expert "
-                "choices.", found.file, key, found.dtype
+                "%s: %s is %s; the official checkpoints store it in FP32 and BF16 rounding can change expert choices.",
+                found.file,
+                key,
+                found.dtype,
             )
     heads = [k for k in missing if k in HEAD_KEYS]
     if heads and len(heads) == len(missing) and not is_base:
         # a base-model (DeepseekV3Model) checkpoint under a causal-LM class: transformers' convention is a
         # freshly initialized head plus a warning (and the key in the load report), not a refusal
         logger.warning(
-            "The checkpoint has no %s (it was saved from a base model); it is newly initialized: train it before "
-            "use.", ", ".join(heads)
+            "The checkpoint has no %s (it was saved from a base model); it is newly initialized: train it before use.",
+            ", ".join(heads),
         )
         missing = []
     if missing:
@@ -247,32 +259,11 @@ def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config)
     )
 
 
-def finalize_loaded_model(model) -> None:
-    """FP8 tensors never require grad (transformers re-wraps loaded params with requires_grad=True);
-    honour ``dequantize_fp8``; keep CPU-mapped experts computing on the CPU in GPU+CPU layouts."""
-    compute_dtype = model.get_input_embeddings().weight.dtype
-    for module in model.fp8_modules().values():
-        module.weight.requires_grad_(False)
-        module.weight_scale_inv.requires_grad_(False)
-        module.compute_dtype = compute_dtype
-    from ..placement import compute_cpu_experts_on_cpu
-
-    if (getattr(model, "_tp_size", None) or 1) > 1 and model.config.is_fp8:  # from_pretrained(tp_plan=...)
-        from ..distributed.tensor_parallel import check_fp8_shards
-
-        check_fp8_shards(model)
-    check_loaded_values(model)
-    if model.config.dequantize_fp8 and model.config.is_fp8:
-        model.dequantize_fp8()
-    compute_cpu_experts_on_cpu(model)
-    report_fp8_backend(model)
-
-
 def report_fp8_backend(model) -> None:
     """The load report's FP8 line: which backend each kind of FP8 linear computes with (``model.fp8_backend()``).
     A backend the weights' device cannot run is a warning here (the model may still be moved) and an error at
     the first forward."""
-    from ..fp8.gpu import FP8BackendError
+    from ..fp8 import FP8BackendError
 
     if not model.fp8_modules():
         return
@@ -292,8 +283,8 @@ def check_loaded_values(model) -> None:
     """Values that load fine and give plausible but wrong logits: FP8 block scales that are zero, negative or
     not finite, a non-finite router bias (both refused, naming the tensor); non-finite norms or router weights
     (warned). Only the small tensors are read: scales are 1/16384 of the weights."""
-    from ..fp8 import FP8Linear
     from ..core.moe import TopkRouter
+    from ..fp8 import FP8Linear
 
     nonfinite = []
     for name, module in model.named_modules():
@@ -316,5 +307,8 @@ def check_loaded_values(model) -> None:
             if not bool(torch.isfinite(module.weight).all()):
                 nonfinite.append(f"{name}.weight")
     if nonfinite:
-        logger.warning("non-finite values in %d tensors (e.g. %s): outputs will be NaN. The checkpoint is corrupt.",
-                       len(nonfinite), nonfinite[0])
+        logger.warning(
+            "non-finite values in %d tensors (e.g. %s): outputs will be NaN. The checkpoint is corrupt.",
+            len(nonfinite),
+            nonfinite[0],
+        )

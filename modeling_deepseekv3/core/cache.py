@@ -2,11 +2,11 @@
 
 Per layer and token MLA needs only ``[c_kv ; k_pe]``: the normalized KV latent (``kv_lora_rank`` = 512)
 and the roped shared key (``qk_rope_head_dim`` = 64) -- 576 values, 1152 bytes in BF16, against 80 KiB
-per token per layer for expanded K/V (spec §5.3). The absorbed attention path reads it directly.
+per token per layer for expanded K/V (docs/deepseek_v3.md §5.3). The absorbed attention path reads it directly.
 
 Storage formats (config knob ``latent_cache_format``):
 
-``"auto"``  the model's compute dtype (BF16: 1152 B/token/layer; FP32: 2304).
+``"dtype"`` the model's compute dtype (BF16: 1152 B/token/layer; FP32: 2304).
 ``"fp8"``   FlashMLA's layout: the 512 latent values in float8_e4m3fn with one float32 scale per 128
             values, the 64 rope values in BF16: 512 + 4*4 + 64*2 = **656 B/token/layer**.
 ``"fp8_plain"`` all 576 values cast to float8_e4m3fn with no scales: 576 B/token/layer. Cheapest,
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..fp8 import FP8_DTYPE, FP8_MAX, block_dequantize, block_quantize
 from .configuration import LATENT_CACHE_FORMATS
-from ..fp8 import FP8_DTYPE, FP8_MAX
 
 __all__ = [
     "LatentCache",
@@ -50,35 +50,32 @@ class _LatentCodec:
     """Packs ``[B, T, r + rope]`` latents into the storage format and back."""
 
     def __init__(self, fmt: str, kv_lora_rank: int):
+        fmt = "dtype" if fmt == "auto" else fmt  # its earlier name (configs set it after construction too)
         if fmt not in LATENT_CACHE_FORMATS:
             raise ValueError(f"latent_cache_format must be one of {LATENT_CACHE_FORMATS}, got {fmt!r}.")
         self.fmt = fmt
         self.rank = kv_lora_rank
 
     def encode(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.fmt == "auto":
+        if self.fmt == "dtype":
             return {"latent": latent}
         if self.fmt == "fp8_plain":
             return {"latent": latent.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)}
         b, t, _ = latent.shape
-        c_kv, k_pe = latent[..., : self.rank].float(), latent[..., self.rank :]
-        pad = -self.rank % _GROUP
-        groups = torch.nn.functional.pad(c_kv, (0, pad)).view(b, t, -1, _GROUP)  # (B, T, G, 128)
-        scale = (groups.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)  # (B, T, G)
-        q = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(b, t, -1)[..., : self.rank]
-        return {"latent": q.contiguous(), "scale": scale, "rope": k_pe.to(torch.bfloat16)}
+        c_kv, k_pe = latent[..., : self.rank], latent[..., self.rank :]
+        # FlashMLA's groups are the FP8 weight format's blocks with one row: 1 x 128, amax / 448 each
+        q, scale = block_quantize(c_kv.reshape(b * t, self.rank), (1, _GROUP))  # (B*T, r), (B*T, G)
+        return {"latent": q.view(b, t, -1), "scale": scale.view(b, t, -1), "rope": k_pe.to(torch.bfloat16)}
 
     def decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if self.fmt == "auto":
+        if self.fmt == "dtype":
             return parts["latent"]
         if self.fmt == "fp8_plain":
             return parts["latent"].to(dtype)
         q, scale, rope = parts["latent"], parts["scale"], parts["rope"]
         b, t, _ = q.shape
-        pad = -self.rank % _GROUP
-        c_kv = torch.nn.functional.pad(q.float(), (0, pad)).view(b, t, -1, _GROUP) * scale[..., None]
-        c_kv = c_kv.view(b, t, -1)[..., : self.rank]
-        return torch.cat((c_kv.to(dtype), rope.to(dtype)), dim=-1)
+        c_kv = block_dequantize(q.reshape(b * t, -1), scale.reshape(b * t, -1), (1, _GROUP), dtype)  # (B*T, r)
+        return torch.cat((c_kv.view(b, t, -1), rope.to(dtype)), dim=-1)
 
 
 class LatentLayer(CacheLayerMixin):
@@ -87,7 +84,7 @@ class LatentLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, kv_lora_rank: int | None = None, latent_cache_format: str = "auto", **kwargs):
+    def __init__(self, kv_lora_rank: int | None = None, latent_cache_format: str = "dtype", **kwargs):
         self.parts: dict[str, torch.Tensor] = {}
         super().__init__()
         self.kv_lora_rank = kv_lora_rank
@@ -95,7 +92,7 @@ class LatentLayer(CacheLayerMixin):
         self.dtype: torch.dtype | None = None
 
     # The Cache API's per-layer ``keys`` / ``values``: the stored latent decoded to the compute dtype as one-head
-    # keys ``[B, 1, T, kv_lora_rank + rope]`` (a view, no copy, for the "auto" format) and zero-width values
+    # keys ``[B, 1, T, kv_lora_rank + rope]`` (a view, no copy, for the "dtype" format) and zero-width values
     # ``[B, 1, T, 0]`` -- what ``update`` returns and what tools inspecting a cache read. Read-only: write with
     # ``update``.
     @property
@@ -196,7 +193,9 @@ class StaticLatentLayer(LatentLayer):
 
     is_compileable = True
 
-    def __init__(self, max_cache_len: int, kv_lora_rank: int | None = None, latent_cache_format: str = "auto", **kwargs):
+    def __init__(
+        self, max_cache_len: int, kv_lora_rank: int | None = None, latent_cache_format: str = "dtype", **kwargs
+    ):
         super().__init__(kv_lora_rank, latent_cache_format)
         self.max_cache_len = max_cache_len
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
@@ -262,9 +261,19 @@ def _cache_settings(config) -> dict:
 class LatentCache(Cache):
     """Growing latent cache, one :class:`LatentLayer` per decoder layer (created on first use)."""
 
-    def __init__(self, config=None, *, kv_lora_rank: int | None = None, latent_cache_format: str = "auto", rope_dim: int | None = None):
-        settings = _cache_settings(config) if config is not None else {
-            "kv_lora_rank": kv_lora_rank, "latent_cache_format": latent_cache_format}
+    def __init__(
+        self,
+        config=None,
+        *,
+        kv_lora_rank: int | None = None,
+        latent_cache_format: str = "dtype",
+        rope_dim: int | None = None,
+    ):
+        settings = (
+            _cache_settings(config)
+            if config is not None
+            else {"kv_lora_rank": kv_lora_rank, "latent_cache_format": latent_cache_format}
+        )
         self.settings = settings
         self.rope_dim = config.qk_rope_head_dim if config is not None else rope_dim
         super().__init__(layer_class_to_replicate=lambda: LatentLayer(**settings))

@@ -12,7 +12,7 @@ __all__ = ["RMSNorm", "SwiGLUMLP", "make_linear"]
 
 
 class RMSNorm(nn.Module):
-    """``w * x / sqrt(mean(x^2) + eps)``; normalized in float32, cast back, then scaled (spec §7)."""
+    """``w * x / sqrt(mean(x^2) + eps)``; normalized in float32, cast back, then scaled (docs/deepseek_v3.md §7)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -33,12 +33,16 @@ def make_linear(config, in_features: int, out_features: int, bias: bool = False)
     """The projection type of the checkpoint: ``FP8Linear`` for FP8 checkpoints, else ``nn.Linear``.
 
     Used for every linear inside a decoder block (attention, dense MLP, routed and shared experts) --
-    exactly the tensors the official FP8 checkpoints store as float8 (spec §3.2). Router, embeddings,
+    exactly the tensors the official FP8 checkpoints store as float8 (docs/deepseek_v3.md §3.2). Router, embeddings,
     heads and MTP's ``eh_proj`` are never FP8 and are built directly."""
     if config.is_fp8:
         return FP8Linear(
-            in_features, out_features, bias=bias, block_size=config.fp8_block_size,
-            compute=config.fp8_compute, scale_fmt=config.fp8_scale_fmt,
+            in_features,
+            out_features,
+            bias=bias,
+            block_size=config.fp8_block_size,
+            compute=config.fp8_compute,
+            scale_fmt=config.fp8_scale_fmt,
         )
     return nn.Linear(in_features, out_features, bias=bias)
 

@@ -1,12 +1,12 @@
-"""The training objective of DeepSeek-V3 beside the language-model loss (spec §8-§9).
+"""The training objective of DeepSeek-V3 beside the language-model loss (docs/deepseek_v3.md §8-§9).
 
-* **Sequence-wise balance loss** (spec §9.2), per MoE layer and sequence of T tokens:
+* **Sequence-wise balance loss** (docs/deepseek_v3.md §9.2), per MoE layer and sequence of T tokens:
   ``L = alpha * sum_i f_i * P_i`` with ``f_i = N_r / (K_r * T) * #{t : expert i selected for t}`` and
   ``P_i = mean_t s'_{i,t}``, ``s'`` the sigmoid scores normalized over all experts. Selection uses the
   actual (bias-corrected) routing. Averaged over sequences, summed over layers; padding excluded.
   ``alpha`` is the config's ``balance_loss_alpha`` (default 1e-4, the paper's value; the official
   config's ``aux_loss_alpha`` of 0.001 is a stale default and is not used).
-* **MTP loss** (spec §8): depth k predicts token i+k+1 from the main model's final hidden state at i (or
+* **MTP loss** (docs/deepseek_v3.md §8): depth k predicts token i+k+1 from the main model's final hidden state at i (or
   the previous depth's output) and the embedding of token i+k; the cross-entropy is averaged over depths.
   The model adds ``mtp_loss_weight`` times it to the training loss (lambda: 0.3 early in DeepSeek's
   pre-training, 0.1 late).
@@ -25,8 +25,9 @@ from .attention import build_attention_mask
 __all__ = ["balance_loss", "mtp_loss", "next_token_labels"]
 
 
-def balance_loss(idx_TK: torch.Tensor, logits_TE: torch.Tensor, batch: int, alpha: float,
-                 mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+def balance_loss(
+    idx_TK: torch.Tensor, logits_TE: torch.Tensor, batch: int, alpha: float, mask_BS: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sequence-wise balance loss of one MoE layer (module docstring). ``idx_TK``/``logits_TE`` for the
     ``batch * S`` tokens in order; ``mask_BS`` marks real tokens (1) and padding (0)."""
     t, k = idx_TK.shape
@@ -52,9 +53,15 @@ def next_token_labels(labels: torch.Tensor | None, shift_labels: torch.Tensor | 
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
-def mtp_loss(model, input_ids: torch.Tensor, hidden: torch.Tensor, next_labels: torch.Tensor,
-             attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
-             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+def mtp_loss(
+    model,
+    input_ids: torch.Tensor,
+    hidden: torch.Tensor,
+    next_labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of the MTP layer(s), averaged over depths. ``hidden``: the main model's final
     (post-norm) hidden states ``[B, S, D]``; ``next_labels`` from :func:`next_token_labels` (-100 ignored).
     Position i of depth k runs at the main model's position id of slot i (as vLLM does). In a packed batch

@@ -1,4 +1,4 @@
-"""The multi-token-prediction (MTP) module stored as ``model.layers.{num_hidden_layers + k}`` (spec §8)."""
+"""The multi-token-prediction (MTP) module stored as ``model.layers.{num_hidden_layers + k}`` (docs/deepseek_v3.md §8)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class SharedHead(nn.Module):
 
 
 class DeepseekV3MTPLayer(DecoderBlock):
-    """Multi-token prediction module ``model.layers.{num_hidden_layers + k}`` (spec §8.2).
+    """Multi-token prediction module ``model.layers.{num_hidden_layers + k}`` (docs/deepseek_v3.md §8.2).
 
     For position i with the next token ``t_{i+1}`` known: ``x = eh_proj([enorm(emb(t_{i+1})) ;
     hnorm(h_i)])`` (embedding half first -- the order the released weights need), then this layer's MLA +

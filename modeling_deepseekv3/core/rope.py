@@ -1,6 +1,6 @@
 """Rotary position embedding for the 64 rope dims of MLA: YaRN frequencies and interleaved pairs.
 
-Spec §5.4–5.5. Only ``qk_rope_head_dim`` dims are rotated. The released weights expect *adjacent-pair*
+docs/deepseek_v3.md §5.4–5.5. Only ``qk_rope_head_dim`` dims are rotated. The released weights expect *adjacent-pair*
 rotation: elements ``(2j, 2j+1)`` form complex number ``j`` rotated by ``theta_{p,j}``, and the output
 stays interleaved. (transformers instead de-interleaves to ``[x0, x2, ...; x1, x3, ...]`` and applies
 ``rotate_half``; dot products are identical, the rotated vectors are permuted.) Configs with

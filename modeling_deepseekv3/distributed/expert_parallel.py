@@ -102,10 +102,14 @@ class ExpertParallelDispatcher:
         recv_RL = torch.empty_like(send_RL)  # rows from each (source rank, my expert)
         dist.all_to_all_single(recv_RL, send_RL, group=self.group)
         send, recv = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_AD, recv, send, self.group, self.backward_group)  # grouped by source rank, then by expert
+        x_recv = _AllToAll.apply(
+            x_AD, recv, send, self.group, self.backward_group
+        )  # grouped by source rank, then by expert
         # regroup by expert (then source rank), as the experts read them
         device = recv_RL.device
-        expert_of_row = torch.arange(self.per_rank, device=device).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
+        expert_of_row = (
+            torch.arange(self.per_rank, device=device).repeat(self.ranks).repeat_interleave(recv_RL.flatten())
+        )
         order = expert_of_row.argsort(stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=device)
@@ -115,7 +119,9 @@ class ExpertParallelDispatcher:
 
     def combine(self, y_AD: torch.Tensor, plan: _ExpertParallelPlan, dtype: torch.dtype) -> torch.Tensor:
         y_recv = y_AD.index_select(0, plan.inverse_A)  # back to the received order
-        y_home = _AllToAll.apply(y_recv, plan.send_splits, plan.recv_splits, self.group, self.backward_group)  # in the sorted local order
+        y_home = _AllToAll.apply(
+            y_recv, plan.send_splits, plan.recv_splits, self.group, self.backward_group
+        )  # in the sorted local order
         return self.local.combine(y_home, plan.local, dtype)
 
 
@@ -128,8 +134,10 @@ class RemoteExpert(nn.Module):
         self.expert, self.owner = expert, owner
 
     def forward(self, x):
-        raise RuntimeError(f"routed expert {self.expert} lives on expert-parallel rank {self.owner}; rows for it "
-                           "must be dispatched there (ExpertParallelDispatcher).")
+        raise RuntimeError(
+            f"routed expert {self.expert} lives on expert-parallel rank {self.owner}; rows for it "
+            "must be dispatched there (ExpertParallelDispatcher)."
+        )
 
     def extra_repr(self) -> str:
         return f"expert={self.expert}, owner={self.owner}"
@@ -150,8 +158,10 @@ def apply_expert_parallel(model, layout):
         return model
     n_experts = model.config.n_routed_experts
     if n_experts % ep:
-        raise ExpertParallelError(f"--ep {ep}: the model's {n_experts} routed experts do not divide over {ep} ranks; "
-                                  f"choose --ep among the divisors of {n_experts}.")
+        raise ExpertParallelError(
+            f"--ep {ep}: the model's {n_experts} routed experts do not divide over {ep} ranks; "
+            f"choose --ep among the divisors of {n_experts}."
+        )
     per_rank, mine = n_experts // ep, layout.ep_rank
     # (the backward's all-to-alls use a second communicator of the same ranks: see _AllToAll)
     group, backward_group = layout.groups["ep"], layout.groups["ep_backward"]
@@ -205,10 +215,12 @@ def _average(params: list, group, divisor: int) -> None:
     """``grad = sum over group of grad / divisor``, one flat all-reduce (missing gradients count as zero)."""
     if not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-                     + [torch.tensor([float(p.grad is not None) for p in params])])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        + [torch.tensor([float(p.grad is not None) for p in params])]
+    )
     dist.all_reduce(flat, group=group)
-    seen = flat[-len(params):]
+    seen = flat[-len(params) :]
     start = 0
     for p, has in zip(params, seen.tolist()):
         n = p.numel()
@@ -235,8 +247,10 @@ class SharedBatchExpertDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor):
         if torch.is_grad_enabled() and x_TD.requires_grad:
-            raise RuntimeError("expert parallelism loaded with distributed_config=DistributedConfig(ep_size=...) is "
-                               "for inference; train with `deepseek-v3 pretrain --ep N`.")
+            raise RuntimeError(
+                "expert parallelism loaded with distributed_config=DistributedConfig(ep_size=...) is "
+                "for inference; train with `deepseek-v3 pretrain --ep N`."
+            )
         x_AD, counts_E, plan = self.local.dispatch(x_TD, idx_TK, weight_TK)  # sorted by expert = by owner
         lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
         start, end = int(counts_E[:lo].sum()), int(counts_E[:hi].sum())  # this rank's experts: one slice
@@ -278,8 +292,10 @@ def shard_experts_for_inference(model, ranks: int) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     n_experts = model.config.n_routed_experts
     if n_experts % ranks:
-        raise ExpertParallelError(f"ep_size={ranks}: the model's {n_experts} routed experts do not divide over "
-                                  f"{ranks} ranks; choose a divisor of {n_experts}.")
+        raise ExpertParallelError(
+            f"ep_size={ranks}: the model's {n_experts} routed experts do not divide over "
+            f"{ranks} ranks; choose a divisor of {n_experts}."
+        )
     per_rank, rank = n_experts // ranks, dist.get_rank()
     for moe in _moe_layers(model):
         moe.experts.grouped = False

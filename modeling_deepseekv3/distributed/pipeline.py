@@ -39,21 +39,17 @@ with its start and end, for ``benchmarks/pipeline.py``'s measured bubbles.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..core.configuration import PIPELINE_SCHEDULES
+from ..core.model import total_loss
 
 __all__ = [
     "SCHEDULES",
     "PipelineError",
     "PipelineTrainer",
-    "clip_grad_norm_over_ranks",
-    "gather_state_dict",
-    "merge_over_ranks",
     "num_stages",
     "stage_ids",
 ]
@@ -95,71 +91,81 @@ class _AuxLossGradient(torch.autograd.Function):
 
 
 class _Stage(nn.Module):
-    """Consecutive decoder layers of one stage (+ the embedding on stage 0, the final norm on the last)."""
+    """One stage: consecutive decoder layers (+ the embedding on stage 0; the final norm, head and MTP layer on
+    the last). Its forward IS the model's forward over its slice of layers (``DeepseekV3Model.forward(...,
+    layers=...)``), and its balance terms are the model's ``balance_objective``; the module itself only owns
+    the stage's parameters (what zero-bubble schedules compute weight gradients for) and carries the balance
+    loss into backward."""
 
     def __init__(self, model, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
-        from ..core.moe import TopkRouter
-
         self.layers = nn.ModuleList(model.model.layers[i] for i in layer_ids)
         self.embed_tokens = model.model.embed_tokens if first else None
         self.norm = model.model.norm if last else None
-        # what the last stage's loss function runs (head, MTP layers) belongs to the stage too: zero-bubble
-        # schedules compute weight gradients for the stage's own parameters only
         self.lm_head = model.lm_head if last else None
         self.mtp_layers = nn.ModuleList(model.model.mtp_layers) if last else None
-        self.rotary_emb = model.model.rotary_emb
+        self._model = (model,)  # not a submodule: the stage owns only its own parameters
+        self._slice = slice(layer_ids[0], layer_ids[-1] + 1)
         self.alpha = model.config.balance_loss_alpha
         self.balance_total = 0.0  # this step's balance losses (for the log)
-        self._routing = []
-        if self.alpha:
-            for layer in self.layers:
-                for m in layer.modules():
-                    if isinstance(m, TopkRouter):
-                        m.register_forward_hook(lambda mod, args, out: self._routing.append(out))
 
     def forward(self, x):
-        from ..training import losses
-
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, S) ids or (B, S, D)
-        b, s = h.shape[:2]
-        pe = self.rotary_emb(torch.arange(s, device=h.device)[None].expand(b, s))
-        aux = []
-        for layer in self.layers:
-            self._routing.clear()
-            h = layer(h, pe)
-            if self._routing and torch.is_grad_enabled():
-                r = self._routing[-1]
-                aux.append(losses.balance_loss(r.indices, r.logits, batch=b, alpha=self.alpha))
-        if aux:  # this stage's balance terms enter backward here, once
-            total = torch.stack(aux).sum()
+        model = self._model[0]
+        first = self.embed_tokens is not None
+        balance = bool(self.alpha) and torch.is_grad_enabled()
+        out = model.model(  # x: (B, S) ids on stage 0, else the previous stage's (B, S, D)
+            input_ids=x if first else None,
+            inputs_embeds=None if first else x,
+            layers=self._slice,
+            use_cache=False,
+            output_router_logits=balance,
+            output_router_indices=balance,
+            return_dict=True,
+        )
+        h = out.last_hidden_state
+        if balance and out.router_logits:  # this stage's balance terms enter backward here, once
+            total = model.balance_objective(out.router_indices, out.router_logits, batch=h.shape[0])
             self.balance_total += float(total.detach())
             h = _AuxLossGradient.apply(h, total)
-        return self.norm(h) if self.norm is not None else h
+        return h
 
 
 class PipelineTrainer:
     """This rank's stages, their schedule, and what a training step needs around it."""
 
-    def __init__(self, model, layout, schedule: str, micro_batches: int, mtp_weight: float, micro_batch_shape,
-                 timeline: bool = False, overlap: bool = False):
+    def __init__(
+        self,
+        model,
+        layout,
+        schedule: str,
+        micro_batches: int,
+        micro_batch_shape,
+        timeline: bool = False,
+        overlap: bool = False,
+    ):
         from torch.distributed import pipelining
         from torch.distributed.pipelining import PipelineStage
 
         if schedule not in SCHEDULES:
             raise PipelineError(f"--pp-schedule {schedule}: choose one of {', '.join(SCHEDULES)}.")
         if overlap and schedule != "dualpipev":
-            raise PipelineError(f"--pp-overlap runs DualPipeV's overlapped forward+backward pairs; --pp-schedule "
-                                f"{schedule} has none. Use --pp-schedule dualpipev or drop --pp-overlap.")
+            raise PipelineError(
+                f"--pp-overlap runs DualPipeV's overlapped forward+backward pairs; --pp-schedule "
+                f"{schedule} has none. Use --pp-schedule dualpipev or drop --pp-overlap."
+            )
         pp, pp_rank = layout.pp, layout.pp_rank
         stages = num_stages(schedule, pp)
         n_layers = model.config.num_hidden_layers
         if n_layers < stages:
-            raise PipelineError(f"{n_layers} decoder layers cannot fill the {stages} stages of --pp {pp} "
-                                f"--pp-schedule {schedule}; lower --pp (or choose a one-stage-per-rank schedule).")
+            raise PipelineError(
+                f"{n_layers} decoder layers cannot fill the {stages} stages of --pp {pp} "
+                f"--pp-schedule {schedule}; lower --pp (or choose a one-stage-per-rank schedule)."
+            )
         if micro_batches < stages:
-            raise PipelineError(f"{schedule} needs at least {stages} micro-batches per step (one per stage), got "
-                                f"{micro_batches}; lower --micro-batch-size or raise --global-batch-size.")
+            raise PipelineError(
+                f"{schedule} needs at least {stages} micro-batches per step (one per stage), got "
+                f"{micro_batches}; lower --micro-batch-size or raise --global-batch-size."
+            )
         base, extra = divmod(n_layers, stages)
         sizes = [base + (1 if s < extra else 0) for s in range(stages)]
         bounds = [sum(sizes[:s]) for s in range(stages + 1)]
@@ -167,9 +173,10 @@ class PipelineTrainer:
         first, last = 0 in mine, stages - 1 in mine
         last_rank = next(r for r in range(pp) if stages - 1 in stage_ids(schedule, pp, r))
         keep = {i for s in mine for i in range(bounds[s], bounds[s + 1])}
-        self.model, self.layout, self.micro_batches, self.mtp_weight = model, layout, micro_batches, mtp_weight
-        self.stage_modules = [_Stage(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == stages - 1)
-                              for s in mine]
+        self.model, self.layout, self.micro_batches = model, layout, micro_batches
+        self.stage_modules = [
+            _Stage(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == stages - 1) for s in mine
+        ]
         has_mtp = bool(model.model.mtp_layers)
         # the MTP layer on another rank than the embedding: a replica there, its gradient summed between the two
         self._embedding_group = None
@@ -202,16 +209,29 @@ class PipelineTrainer:
         # (requires_grad: static metadata copies it, and activations between stages carry gradients)
         hidden = torch.empty(mb, seq, model.config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
         ids = torch.empty(mb, seq, dtype=torch.long, device="meta")
-        pipe_stages = [PipelineStage(m, s, stages, device, input_args=(ids if s == 0 else hidden,),
-                                     output_args=(hidden,), group=layout.pp_group)
-                       for m, s in zip(self.stage_modules, mine)]
+        pipe_stages = [
+            PipelineStage(
+                m,
+                s,
+                stages,
+                device,
+                input_args=(ids if s == 0 else hidden,),
+                output_args=(hidden,),
+                group=layout.pp_group,
+            )
+            for m, s in zip(self.stage_modules, mine)
+        ]
         self.timeline: list[tuple[str, int, float, float]] | None = [] if timeline else None
         if timeline:
             for st in pipe_stages:
                 _record_actions(st, self.timeline)
-        cls = {"dualpipev": pipelining.schedules.ScheduleDualPipeV, "zbv": pipelining.schedules.ScheduleZBVZeroBubble,
-               "gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
-               "interleaved1f1b": pipelining.ScheduleInterleaved1F1B}[schedule]
+        cls = {
+            "dualpipev": pipelining.schedules.ScheduleDualPipeV,
+            "zbv": pipelining.schedules.ScheduleZBVZeroBubble,
+            "gpipe": pipelining.ScheduleGPipe,
+            "1f1b": pipelining.Schedule1F1B,
+            "interleaved1f1b": pipelining.ScheduleInterleaved1F1B,
+        }[schedule]
         target = pipe_stages if SCHEDULES[schedule] != "single" else pipe_stages[0]
         self.schedule = cls(target, n_microbatches=micro_batches, loss_fn=self._loss, scale_grads=False)
         if overlap:
@@ -221,7 +241,7 @@ class PipelineTrainer:
         self._feeds, self._reads_targets = first, last
 
     def _loss(self, hidden, window):
-        """Last stage: next-token CE + ``mtp_weight`` x MTP loss of one micro-batch, as one process (timed as
+        """Last stage: next-token CE + ``mtp_loss_weight`` x MTP loss of one micro-batch, as one process (timed as
         action "L" under ``timeline``: the schedules run it outside the stage's forward)."""
         if self.timeline is not None:
             import time
@@ -234,19 +254,16 @@ class PipelineTrainer:
         return self._loss_of(hidden, window)
 
     def _loss_of(self, hidden, window):
-        from ..training import losses
-
-        model = self.model
+        model = self.model  # the model's own terms and sum (core/model.py); the balance terms were added per stage
         ids, labels = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         logits = model.lm_head(hidden)
         lm = model.loss_function(logits=logits, labels=None, vocab_size=model.config.vocab_size, shift_labels=labels)
-        total = lm
         self._parts["lm_loss"] += float(lm.detach())
-        if model.model.mtp_layers and self.mtp_weight:
-            mtp = losses.mtp_loss(model, ids, hidden, labels, None)
+        mtp = None
+        if model.model.mtp_layers and model.config.mtp_loss_weight:
+            mtp = model.mtp_objective(ids, hidden, labels)
             self._parts["mtp_loss"] += float(mtp.detach())
-            total = total + self.mtp_weight * mtp
-        return total
+        return total_loss(lm, mtp, None, model.config.mtp_loss_weight, training=True)
 
     # -- DualPipeV's overlapped pairs -----------------------------------------------------------------------------
     def _overlapped(self, action, ctx) -> None:
@@ -335,11 +352,18 @@ class PipelineTrainer:
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
             dist.all_reduce(w.grad, group=self._embedding_group)
-        t = torch.tensor([self._parts["lm_loss"], self._parts["mtp_loss"],
-                          sum(m.balance_total for m in self.stage_modules)], dtype=torch.float64)
+        t = torch.tensor(
+            [self._parts["lm_loss"], self._parts["mtp_loss"], sum(m.balance_total for m in self.stage_modules)],
+            dtype=torch.float64,
+        )
         dist.all_reduce(t)
         lm, mtp, balance = (float(v) / (self.micro_batches * data) for v in t.tolist())
-        return {"loss": lm + self.mtp_weight * mtp + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance}
+        return {
+            "loss": lm + self.model.config.mtp_loss_weight * mtp + balance,
+            "lm_loss": lm,
+            "mtp_loss": mtp,
+            "balance_loss": balance,
+        }
 
     def uncounted(self) -> set[int]:
         """``id``s of parameters held here whose gradient norm another rank counts (the embedding replica)."""
@@ -364,44 +388,3 @@ def _record_actions(stage, timeline: list) -> None:
                 timeline.append((_kind, stage.stage_index, t0, time.perf_counter()))
 
         setattr(stage, name, timed)
-
-
-def clip_grad_norm_over_ranks(params, max_norm: float, uncounted: set[int] = frozenset()) -> float:
-    """``clip_grad_norm_`` as one process holding every parameter would compute it: the squared norms of this
-    rank's gradients, minus those of ``uncounted`` (replicas another rank counts), summed over all ranks; then
-    every gradient here scaled by the same factor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and id(p) not in uncounted]
-    local = torch.stack([g.detach().float().norm() ** 2 for g in counted]).sum() if counted else torch.zeros(())
-    total = local.double().reshape(1)
-    dist.all_reduce(total)
-    norm = math.sqrt(float(total))
-    coef = min(1.0, max_norm / (norm + 1e-6))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return norm
-
-
-def gather_state_dict(model, layout) -> dict | None:
-    """Every rank's parameters and buffers (each held by one rank; the rest replaced by ``nn.Identity``) merged on
-    rank 0 (None on the others; collective)."""
-    mine = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    parts = [None] * dist.get_world_size() if layout.rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if layout.rank != 0:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
-def merge_over_ranks(values: dict) -> dict:
-    """Per-layer figures (e.g. expert-load imbalance), each layer held by one rank, merged on every rank."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged

@@ -42,7 +42,11 @@ class TrainPlanError(ValueError):
 
 def _attention_params(c) -> int:
     h, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
-    q = c.hidden_size * h * qk if not c.q_lora_rank else c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+    q = (
+        c.hidden_size * h * qk
+        if not c.q_lora_rank
+        else c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+    )
     kv = c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
     kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
     return q + kv + h * c.v_head_dim * c.hidden_size + 2 * c.hidden_size  # + input / post-attention norms
@@ -75,11 +79,14 @@ def parameter_counts(config) -> dict[str, int]:
         counts["experts"] += experts
     n_mtp = c.num_nextn_predict_layers or 0
     mtp_dense, mtp_experts = _layer_params(c, bool(c.n_routed_experts))
-    counts["mtp"] = n_mtp * (mtp_dense + mtp_experts + 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size)
+    counts["mtp"] = n_mtp * (
+        mtp_dense + mtp_experts + 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size
+    )
     counts["total"] = counts["embedding"] + counts["head"] + counts["layers"] + counts["experts"] + counts["mtp"]
     active_share = (c.num_experts_per_tok / c.n_routed_experts) if c.n_routed_experts else 0
-    counts["activated"] = (counts["embedding"] + counts["head"] + counts["layers"]
-                           + round(counts["experts"] * active_share))
+    counts["activated"] = (
+        counts["embedding"] + counts["head"] + counts["layers"] + round(counts["experts"] * active_share)
+    )
     return counts
 
 
@@ -94,6 +101,7 @@ def _saved_bytes_per_token(c, moe: bool, fp8: bool, recompute: bool) -> float:
     attn += 4 * h + 2 * h * c.v_head_dim  # softmax statistics (fp32) and attention output
     if not recompute:
         attn += 2 * (h * qk + h * qk + h * c.v_head_dim)  # q, k, v
+
     def swiglu(inter: int) -> int:
         """Gate/up outputs (the SwiGLU inputs: FP8 under the recipe) and, unless recomputed, the down input."""
         return 2 * lin * inter + (0 if recompute else lin * inter)
@@ -163,7 +171,11 @@ class TrainPlan:
             f"{', MLA up-projections and SwiGLU recomputed' if lay.recompute else ''}): {self.memory['activations'] / GiB:.1f} GiB "
             f"(~{self.memory['activations'] / GiB / max(1, self.in_flight):.1f} GiB per stage micro-batch; an estimate)",
             f"  total                                         {self.memory['total'] / GiB:8.1f} GiB"
-            + ("" if gpu_bytes is None else f"  ({'fits' if self.fits(gpu_bytes) else 'DOES NOT FIT'} in {gpu_bytes / GiB:.0f} GiB)"),
+            + (
+                ""
+                if gpu_bytes is None
+                else f"  ({'fits' if self.fits(gpu_bytes) else 'DOES NOT FIT'} in {gpu_bytes / GiB:.0f} GiB)"
+            ),
             f"bubble: {self.bubble_formula} = {self.bubble:g} F per step against {self.step:g} F of compute per rank "
             f"({self.bubble_fraction:.1%} idle; F=1, B=2, W=1, F&B=F+B: no overlap credit)",
         ]
@@ -180,17 +192,25 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
         if getattr(lay, name) < 1:
             raise TrainPlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(lay, name)}.")
     if lay.dp % lay.ep:
-        raise TrainPlanError(f"--ep {lay.ep} must divide --dp {lay.dp}: expert parallelism borrows data-parallel ranks.")
+        raise TrainPlanError(
+            f"--ep {lay.ep} must divide --dp {lay.dp}: expert parallelism borrows data-parallel ranks."
+        )
     if c.n_routed_experts and c.n_routed_experts % lay.ep:
-        raise TrainPlanError(f"--ep {lay.ep} must divide n_routed_experts {c.n_routed_experts} (whole experts per rank).")
+        raise TrainPlanError(
+            f"--ep {lay.ep} must divide n_routed_experts {c.n_routed_experts} (whole experts per rank)."
+        )
     if lay.schedule == "dualpipe" and lay.pp % 2:
-        raise TrainPlanError(f"--pp-schedule dualpipe needs an even --pp (got {lay.pp}): ranks pair up in both directions.")
+        raise TrainPlanError(
+            f"--pp-schedule dualpipe needs an even --pp (got {lay.pp}): ranks pair up in both directions."
+        )
     stages = 2 * lay.pp if lay.schedule == "dualpipev" else lay.pp
     if c.num_hidden_layers < stages:
         raise TrainPlanError(f"{c.num_hidden_layers} layers cannot fill {stages} pipeline stages; lower --pp.")
     if lay.micro_batches < stages:
-        raise TrainPlanError(f"--micro-batches {lay.micro_batches} is fewer than the {stages} stages {lay.schedule} keeps "
-                             "busy; raise it (the schedule needs at least one micro-batch per stage).")
+        raise TrainPlanError(
+            f"--micro-batches {lay.micro_batches} is fewer than the {stages} stages {lay.schedule} keeps "
+            "busy; raise it (the schedule needs at least one micro-batch per stage)."
+        )
     counts = parameter_counts(c)
     base, extra = divmod(c.num_hidden_layers, stages)
     per_stage = [base + (1 if s < extra else 0) for s in range(stages)]
@@ -206,7 +226,9 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
         if s == stages - 1:  # final norm + head + MTP (its embedding/head tied to the main ones in training)
             mtp_dense, mtp_experts = _layer_params(c, bool(c.n_routed_experts))
             n = c.num_nextn_predict_layers or 0
-            dense += counts["head"] + n * (mtp_dense + 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size)
+            dense += counts["head"] + n * (
+                mtp_dense + 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size
+            )
             experts += n * mtp_experts
         return dense, experts
 
@@ -236,8 +258,12 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
     per_layer = max(layer_bytes)
     tokens = lay.micro_batch_size * lay.seq_len
     activations = in_flight * stage_layers * per_layer * tokens
-    memory = {"weights": 2.0 * params, "gradients": 4.0 * params, "optimizer": opt_dense + opt_experts,
-              "activations": float(activations)}
+    memory = {
+        "weights": 2.0 * params,
+        "gradients": 4.0 * params,
+        "optimizer": opt_dense + opt_experts,
+        "activations": float(activations),
+    }
     memory["total"] = sum(memory.values())
 
     f, b, w = 1.0, 2.0, 1.0
@@ -250,7 +276,15 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
         formula, bubble = "(PP/2-1)(F&B+B-3W)", (stages / 2 - 1) * (fb + b - 3 * w)
     # every micro-batch passes each rank once (DualPipe feeds half from each end), twice under DualPipeV's V
     step = lay.micro_batches * (f + b) * (2 if lay.schedule == "dualpipev" else 1)
-    return TrainPlan(layout=lay, counts=counts, stages=stages, layers_per_stage=per_stage,
-                     rank_params={"non_expert": int(dense), "experts": int(experts)}, memory=memory,
-                     in_flight=float(in_flight), bubble_formula=f"{formula} with PP={stages}", bubble=bubble,
-                     step=step)
+    return TrainPlan(
+        layout=lay,
+        counts=counts,
+        stages=stages,
+        layers_per_stage=per_stage,
+        rank_params={"non_expert": int(dense), "experts": int(experts)},
+        memory=memory,
+        in_flight=float(in_flight),
+        bubble_formula=f"{formula} with PP={stages}",
+        bubble=bubble,
+        step=step,
+    )

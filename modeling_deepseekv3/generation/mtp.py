@@ -71,11 +71,15 @@ def mtp_generation_config(model, generation_config, kwargs: dict):
     config = copy.deepcopy(base)
     model_kwargs = config.update(**kwargs)  # generation parameters onto the config, the rest are model inputs
     if int(config.num_beams or 1) > 1:
-        raise ValueError("use_mtp=True cannot be combined with beam search (num_beams > 1): MTP drafts one "
-                         "continuation; use greedy decoding or sampling.")
+        raise ValueError(
+            "use_mtp=True cannot be combined with beam search (num_beams > 1): MTP drafts one "
+            "continuation; use greedy decoding or sampling."
+        )
     if config.use_cache is False:
-        raise ValueError("use_mtp=True verifies drafts against the latent cache, but use_cache=False was asked (in the "
-                         "call or the model's generation_config.json); drop it or set use_cache=True.")
+        raise ValueError(
+            "use_mtp=True verifies drafts against the latent cache, but use_cache=False was asked (in the "
+            "call or the model's generation_config.json); drop it or set use_cache=True."
+        )
     config.use_mtp = False
     setattr(config, _FLAG, k)
     return config, model_kwargs
@@ -196,8 +200,13 @@ def mtp_decode(
     max_new = generation_config.max_length - prompt_len
 
     # prompt: one forward of the main model, then the first token of each row (plain decoding's first step)
-    out = model.model(input_ids, attention_mask=None if bool(main_valid.all()) else attention_mask,
-                      position_ids=position_ids, cache=cache, use_cache=True)
+    out = model.model(
+        input_ids,
+        attention_mask=None if bool(main_valid.all()) else attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    )
     hidden = out.last_hidden_state  # (B, L, D) post-norm
     scores = logits_processor(input_ids, model.lm_head(hidden[:, -1]).float())  # (B, V)
     rows = _Rows(input_ids, position_ids)
@@ -206,13 +215,25 @@ def mtp_decode(
     _emit_all(rows, [[t] for t in first.tolist()], stopping_criteria, streamer, scores)
 
     # the MTP layer over the prompt: slot i pairs h_i with token i+1 (the last with the first new token)
-    mtp_cache = _new_cache_like(cache, model.config, layer.self_attn.layer_idx + 1,
-                                mtp_cache_length(prompt_len, max_new, k))
+    mtp_cache = _new_cache_like(
+        cache, model.config, layer.self_attn.layer_idx + 1, mtp_cache_length(prompt_len, max_new, k)
+    )
     mtp_tokens = torch.cat((input_ids[:, 1:], first[:, None]), 1)
     mtp_valid = main_valid.clone()
     mtp_hidden, mtp_logits = _mtp_forward(model, layer, mtp_tokens, hidden, position_ids, mtp_valid, mtp_cache)
-    drafts, q_scores, mtp_valid = _draft(model, layer, rows, mtp_hidden[:, -1], mtp_logits[:, -1], next_token,
-                                         mtp_valid, mtp_cache, logits_processor, k, do_sample)
+    drafts, q_scores, mtp_valid = _draft(
+        model,
+        layer,
+        rows,
+        mtp_hidden[:, -1],
+        mtp_logits[:, -1],
+        next_token,
+        mtp_valid,
+        mtp_cache,
+        logits_processor,
+        k,
+        do_sample,
+    )
 
     while not all(rows.done):
         # verify [next token, drafts] in one forward of the main model
@@ -254,8 +275,9 @@ def mtp_decode(
         h_last = mtp_hidden.gather(1, last.expand(b, 1, mtp_hidden.shape[-1]))[:, 0]  # (B, D)
         l_last = mtp_logits.gather(1, last.expand(b, 1, mtp_logits.shape[-1]))[:, 0]  # (B, V)
         next_token = new_token
-        drafts, q_scores, mtp_valid = _draft(model, layer, rows, h_last, l_last, next_token, mtp_valid, mtp_cache,
-                                             logits_processor, k, do_sample)
+        drafts, q_scores, mtp_valid = _draft(
+            model, layer, rows, h_last, l_last, next_token, mtp_valid, mtp_cache, logits_processor, k, do_sample
+        )
 
     if streamer is not None:
         streamer.end()
@@ -284,7 +306,9 @@ def _draft(model, layer, rows, h_last, logits_last, next_token, mtp_valid, mtp_c
             prev = torch.stack(drafts, 1)[r] if drafts else None
             s = logits_processor(rows.prefix(r, prev, step), lg[r : r + 1].float())  # (1, V)
             row_scores.append(s[0])
-            chosen.append(_choose(s, do_sample) if not rows.done[r] else torch.zeros((), dtype=torch.long, device=device))
+            chosen.append(
+                _choose(s, do_sample) if not rows.done[r] else torch.zeros((), dtype=torch.long, device=device)
+            )
         d = torch.stack(chosen).reshape(b)
         drafts.append(d)
         scores.append(torch.stack(row_scores))

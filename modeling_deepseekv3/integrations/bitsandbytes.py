@@ -48,8 +48,11 @@ def quantize_linears_4bit(model, quantization_config) -> int:
         if module.in_features % 64 or module.out_features % 32:
             # bitsandbytes' CPU kernels need whole 64-value blocks per row and rows in packs of 32 (every
             # DeepSeek-V3-family shape qualifies); keep such a projection dense
-            warnings.warn(f"{name}: {module.out_features}x{module.in_features} does not fit bitsandbytes' 4-bit "
-                          "blocks (in % 64, out % 32); kept unquantized.", stacklevel=2)
+            warnings.warn(
+                f"{name}: {module.out_features}x{module.in_features} does not fit bitsandbytes' 4-bit "
+                "blocks (in % 64, out % 32); kept unquantized.",
+                stacklevel=2,
+            )
             if isinstance(module, FP8Linear):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, module.to_dense(compute_dtype))
@@ -57,11 +60,17 @@ def quantize_linears_4bit(model, quantization_config) -> int:
         weight = module.dequantized_weight(torch.float32) if isinstance(module, FP8Linear) else module.weight.float()
         device = weight.device
         layer = bnb.nn.Linear4bit(
-            module.in_features, module.out_features, bias=module.bias is not None,
-            compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=double, device="meta",
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type=quant_type,
+            compress_statistics=double,
+            device="meta",
         )
-        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype).cpu(), requires_grad=False, quant_type=quant_type,
-                                         compress_statistics=double)
+        layer.weight = bnb.nn.Params4bit(
+            weight.to(compute_dtype).cpu(), requires_grad=False, quant_type=quant_type, compress_statistics=double
+        )
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
         layer = layer.to(device if device.type != "meta" else "cpu")

@@ -55,7 +55,9 @@ def lora_target_modules(config, scope: str = "all") -> list[str] | str:
     if scope not in LORA_SCOPES:
         raise ValueError(f"scope must be one of {LORA_SCOPES}, got {scope!r}.")
     attention = (["q_proj"] if config.q_lora_rank is None else ["q_a_proj", "q_b_proj"]) + [
-        "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
     ]
     if scope == "attention":
         return attention
@@ -86,8 +88,9 @@ def register_fp8_lora(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def lora_config(model_or_config, scope: str = "all", r: int = 8, lora_alpha: int | None = None,
-                lora_dropout: float = 0.0, **kwargs) -> LoraConfig:
+def lora_config(
+    model_or_config, scope: str = "all", r: int = 8, lora_alpha: int | None = None, lora_dropout: float = 0.0, **kwargs
+) -> LoraConfig:
     """A ``LoraConfig`` targeting ``scope``, ready for FP8 bases. Extra kwargs go to ``LoraConfig``."""
     config = getattr(model_or_config, "config", model_or_config)
     lora = LoraConfig(
@@ -128,7 +131,9 @@ class FP8LoraLinear(_PeftLoraLinear):
             if name not in self.lora_A:
                 continue
             if name in self.lora_variant:
-                raise NotImplementedError(f"merging LoRA variant {type(self.lora_variant[name]).__name__} into FP8 weights")
+                raise NotImplementedError(
+                    f"merging LoRA variant {type(self.lora_variant[name]).__name__} into FP8 weights"
+                )
             if self.lora_bias[name]:
                 raise NotImplementedError("merging lora_bias=True into an FP8 layer without bias")
             with torch.no_grad():

@@ -1,4 +1,13 @@
-"""Plain PEFT on FP8 models, with no call from the user: an FP8 dispatcher installed into PEFT's LoRA.
+"""Plain PEFT on these models, with no call from the user (``modeling.py`` mixes :class:`PlainPeftSupport` in).
+
+Two things PEFT 0.21 gets wrong for this model without help:
+
+* **Expert targets.** PEFT rewrites LoRA targets by ``model.config.model_type``: for ``"deepseek_v3"`` (a type
+  transformers registers a weight conversion for) it moves ``gate_proj``/``up_proj``/``down_proj`` into
+  ``target_parameters`` of transformers' fused 3-D experts, which this model does not have -- every MLP and
+  expert target silently disappears. A built model therefore reports ``RUNTIME_MODEL_TYPE`` (config.json keeps
+  the official type: the config writes ``_checkpoint_model_type``). PEFT offers no per-model seam for this.
+* **FP8 targets**, below.
 
 PEFT picks a LoRA layer class for each target with a list of dispatchers (bitsandbytes, torchao, ...,
 ``nn.Linear``); :class:`~modeling_deepseekv3.fp8.FP8Linear` matches none of them, so a user's own
@@ -18,9 +27,10 @@ from __future__ import annotations
 import importlib.abc
 import sys
 
-__all__ = ["install", "is_installed"]
+__all__ = ["PlainPeftSupport", "install", "is_installed"]
 
 _TARGET = "peft.tuners.lora.model"
+RUNTIME_MODEL_TYPE = "deepseek_v3_latent"  # what a built model's config reports (module docstring)
 _MARK = "_deepseek_v3_fp8_dispatch"
 
 
@@ -84,3 +94,15 @@ def is_installed() -> bool:
     if module is not None and hasattr(module, "LoraModel"):
         return getattr(module.LoraModel._create_new_module, _MARK, False)
     return any(isinstance(f, _PeftImportHook) for f in sys.meta_path)
+
+
+class PlainPeftSupport:
+    """Mixed in before the core model: the run-time ``model_type`` and, for FP8 models, the FP8 LoRA dispatcher."""
+
+    def __init__(self, config, *args, **kwargs):
+        if "_checkpoint_model_type" not in config.__dict__:
+            config._checkpoint_model_type = type(config).model_type
+        config.model_type = RUNTIME_MODEL_TYPE
+        if config.is_fp8:
+            install()
+        super().__init__(config, *args, **kwargs)

@@ -32,9 +32,19 @@ __all__ = [
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 #: Markers of the chat format, in the official vocabulary's order (special=False there, as here).
 CHAT_TOKENS = [
-    "<think>", "</think>", "<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
-    "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
-    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁sep｜>",
+    "<think>",
+    "</think>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁sep｜>",
 ]
 SPECIAL_TOKENS = [BOS, EOS, PAD]
 
@@ -171,7 +181,9 @@ def load_tokenizer(path: str | Path | None = None, fallback: bool = False, **kwa
             try:
                 return AutoTokenizer.from_pretrained(str(path), **kwargs)
             except Exception as exc:
-                problem = f"{path} is neither a local directory nor a loadable Hub tokenizer ({type(exc).__name__}: {exc})"
+                problem = (
+                    f"{path} is neither a local directory nor a loadable Hub tokenizer ({type(exc).__name__}: {exc})"
+                )
         if not fallback:
             raise ValueError(f"{problem}. Pass the checkpoint's own tokenizer, or fallback=True to use DeepSeek-V3's.")
     logger.warning("%s has no tokenizer: using the DeepSeek-V3 tokenizer (fallback=True)", path)

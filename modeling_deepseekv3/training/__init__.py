@@ -4,9 +4,9 @@
 ``RoutingBiasCallback`` is imported on first use (it pulls in transformers' Trainer modules).
 """
 
+from ..core.losses import balance_loss, mtp_loss, next_token_labels
 from ..fp8.training import FP8TrainingRecipe, convert_from_fp8_training, convert_to_fp8_training
 from .balance import ExpertLoadTracker, expert_load, reset_expert_load, track_expert_load, update_routing_bias
-from ..core.losses import balance_loss, mtp_loss, next_token_labels
 from .optim import AdamWBF16Moments
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Aux-loss-free load balancing (spec §9.1) and expert-load statistics.
+"""Aux-loss-free load balancing (docs/deepseek_v3.md §9.1) and expert-load statistics.
 
 After each optimizer step, for every MoE layer, ``b_i += gamma * sign(mean_load - load_i)`` over the tokens
 routed during the step; the bias shifts selection only, never the weights, and gets no gradient.
@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "ExpertLoadTracker",
     "expert_load",
+    "expert_load_counts",
     "reset_expert_load",
     "track_expert_load",
     "update_routing_bias",
@@ -93,6 +94,14 @@ def expert_load(model) -> dict[str, torch.Tensor]:
     """``{layer name: tokens per expert}`` counted since the last reset (int64 tensors)."""
     tracker = _tracker(model)
     return {} if tracker is None else {name: c.clone() for name, c in tracker.counts.items()}
+
+
+def expert_load_counts(model) -> dict[str, torch.Tensor]:
+    """The live counters behind :func:`expert_load`, sorted by layer name (the same order on every rank): a
+    data-parallel run sums them in place over its ranks before :func:`update_routing_bias`, so every rank's
+    routers see the global batch and stay identical."""
+    tracker = _tracker(model)
+    return {} if tracker is None else {name: tracker.counts[name] for name in sorted(tracker.counts)}
 
 
 def reset_expert_load(model) -> None:

@@ -157,7 +157,9 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 
 def _bytes_to_unicode_inverse() -> dict[str, int]:
     """The byte-level alphabet of GPT-2-style BPE: printable characters standing for the 256 bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):

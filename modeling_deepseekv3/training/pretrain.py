@@ -28,6 +28,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ from pathlib import Path
 import torch
 
 from ..core.configuration import DeepseekV3Config
-from .balance import track_expert_load, update_routing_bias
+from ..fp8.training import convert_from_fp8_training, convert_to_fp8_training, fp8_training_recipe
+from .balance import expert_load_counts, track_expert_load, update_routing_bias
 from .data import (
     DataError,
     TokenStream,
@@ -96,13 +99,27 @@ class PretrainArgs:
     ep: int | None = None
     progress: bool = True
     export: bool = True
+    overwrite: bool = False
 
     def identity(self) -> dict:
         """What a resumed run must share with the one it continues: everything but step counts, I/O and the
         layout (``--micro-batch-size``, ``--dp``, ``--pp``, ``--ep``, ``--threads``: another layout continues the same run, equal
         within float rounding; the same layout continues it bit for bit)."""
-        keep = ("seq_len", "global_batch_size", "lr", "warmup_steps", "min_lr_ratio",
-                "weight_decay", "grad_clip", "seed", "fp8", "adam_moments", "mtp_weight", "balance_alpha", "bias_update_rate")
+        keep = (
+            "seq_len",
+            "global_batch_size",
+            "lr",
+            "warmup_steps",
+            "min_lr_ratio",
+            "weight_decay",
+            "grad_clip",
+            "seed",
+            "fp8",
+            "adam_moments",
+            "mtp_weight",
+            "balance_alpha",
+            "bias_update_rate",
+        )
         return {k: getattr(self, k) for k in keep}
 
 
@@ -152,13 +169,20 @@ def _config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build_tokenizer(args: PretrainArgs, config: DeepseekV3Config, train_files: list[Path], out: Path):
+def _build_tokenizer(
+    args: PretrainArgs, config: DeepseekV3Config, train_files: list[Path], out: Path, reuse_saved: bool | None = None
+):
+    """``--tokenizer``, else the run's own saved tokenizer -- only when continuing that run (``--resume``; or a
+    rank reading what rank 0 just trained) -- else a BPE trained on the data. A fresh run never picks up an
+    earlier run's tokenizer: its ``--vocab-size`` and data would be silently ignored."""
     from ..integrations.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     saved = out / "tokenizer"
+    if reuse_saved is None:
+        reuse_saved = args.resume
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
-    elif (saved / "tokenizer.json").is_file():  # trained by an earlier (resumed) run
+    elif reuse_saved and (saved / "tokenizer.json").is_file():  # trained by the run this one continues
         tok = load_tokenizer(saved)
     elif args.vocab_size:
         texts = (f.read_text(encoding="utf-8", errors="replace") for f in train_files)
@@ -177,6 +201,15 @@ def _build_tokenizer(args: PretrainArgs, config: DeepseekV3Config, train_files: 
     return tok
 
 
+def _log_step(line: str, default: int) -> int:
+    """The step of one log line; ``default`` for a line that is not a record (a line cut short by a kill)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return default
+    return record.get("step", default) if isinstance(record, dict) and isinstance(record.get("step"), int) else default
+
+
 class _Logger:
     """One JSON object per step to ``--log-json`` (appended, so a resumed run continues the same file)."""
 
@@ -185,8 +218,8 @@ class _Logger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and resume_step:  # drop entries past the checkpoint we resume from
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                lines = self.path.read_text().splitlines()
+                kept = [line for line in lines if _log_step(line, resume_step + 1) <= resume_step]
                 self.path.write_text("".join(line + "\n" for line in kept))
             elif self.path.exists():
                 self.path.unlink()
@@ -195,6 +228,195 @@ class _Logger:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _few(names) -> str:
+    names = list(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _refuse_writing_into_inputs(args: PretrainArgs) -> None:
+    """``--output`` and ``--log-json`` must not be, or contain, anything the run reads (its data, held-out text,
+    model config, tokenizer), nor lie inside a folder given as one of those: a log written over the training text,
+    or a model card written over a config, destroys the input before anyone notices. Resolved paths are compared,
+    so symlinks and relative spellings do not get around it."""
+    inputs: dict[Path, str] = {}
+    for flag, specs in (("--data", args.data), ("--eval-data", args.eval_data)):
+        for file in resolve_files(specs) if specs else []:
+            inputs.setdefault(file, flag)
+        for spec in specs:
+            if Path(spec).exists():
+                inputs.setdefault(Path(spec).resolve(), flag)
+    config = Path(args.model_config)
+    if args.model_config and config.exists():
+        inputs.setdefault(config.resolve(), "--model-config")
+        if config.is_dir() and (config / "config.json").exists():
+            inputs.setdefault((config / "config.json").resolve(), "--model-config")
+    if args.tokenizer and Path(args.tokenizer).exists():
+        inputs.setdefault(Path(args.tokenizer).resolve(), "--tokenizer")
+    out = Path(args.output).resolve()
+    writers = {"--output": out}
+    if args.log_json:
+        writers["--log-json"] = Path(args.log_json).resolve()
+    for flag, target in writers.items():
+        for path, source in sorted(inputs.items()):
+            if target == path or target in path.parents:
+                how = "is" if target == path else "contains"
+                raise PretrainError(
+                    f"{flag} {target} {how} the {source} path {path}: the run would write over its own input. "
+                    f"Choose another {flag}."
+                )
+    for flag, target in writers.items():
+        for path, source in sorted(inputs.items()):
+            if path.is_dir() and path in target.parents:
+                raise PretrainError(
+                    f"{flag} {target} lies inside the {source} folder {path}: what the run writes there would land "
+                    f"among (or on) the files it reads. Choose a {flag} outside it."
+                )
+    log = writers.get("--log-json")
+    if log is not None and (log == out or out in log.parents):
+        first = log.relative_to(out).parts[0] if log != out else None
+        if first is None or _own_kind(first) is not None:
+            raise PretrainError(
+                f"--log-json {log} is where the run writes its own {'--output folder' if first is None else first}; "
+                "choose another --log-json."
+            )
+    if log is not None and log.exists() and not _log_is_ours(log):
+        raise PretrainError(
+            f"--log-json {log} exists and is not a log written by this command; the run would replace it. Move it "
+            "or choose another --log-json."
+        )
+
+
+# what this command writes directly under --output: folders and files, and the staging leftovers of their writers
+_TOKENIZER_FILE = (
+    r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
+    r"|vocab\.json|merges\.txt"
+)
+_INSIDE = {
+    "tokenizer": re.compile(rf"^({_TOKENIZER_FILE})$"),
+    "export": re.compile(
+        rf"^({_TOKENIZER_FILE}|config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.tmp)?"
+        r"|model\.safetensors\.index\.json|\.convert-params\.json|\.convert\.lock)$"
+    ),
+    "checkpoints": re.compile(r"^\.?step-\d{7}(\.(partial|old)-\d+)?/(\.metadata|__\d+_\d+\.distcp|meta\.json)$"),
+}
+_OWN_NAMES = {
+    "checkpoints": "checkpoints",
+    "tokenizer": "tokenizer",
+    ".tokenizer.partial": "tokenizer",
+    "bf16": "export",
+    "fp8": "export",
+    "fp8.partial": "export",
+    "README.md": "card",
+    "summary.json": "summary",
+    "loss_curve.png": "file",
+}
+_OWN_LEFTOVER = re.compile(r"^\.(bf16|fp8)\.(partial|old)-\d+$")
+
+
+def _own_kind(name: str) -> str | None:
+    """The kind of a top-level ``--output`` entry this command writes (None: not one of its names)."""
+    return _OWN_NAMES.get(name) or ("export" if _OWN_LEFTOVER.match(name) else None)
+
+
+def _log_is_ours(path: Path) -> bool:
+    """A ``--log-json`` file this command wrote: empty, or its first record is a JSON object with a step."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", errors="replace").lstrip().split("\n", 1)[0]
+    return not head or _log_step(head, -1) >= 0
+
+
+def _not_ours(path: Path, kind: str) -> list[str]:
+    """What inside the ``--output`` entry ``path`` this command did not write (``path`` itself if it is of the
+    wrong type or content); symlinks are never its own."""
+    from .report import is_model_card
+
+    if kind in ("card", "summary", "file", "log"):
+        if path.is_symlink() or not path.is_file():
+            return [path.name]
+        if kind == "card" and not is_model_card(path):
+            return [path.name]
+        if kind == "summary" and not _is_summary(path):
+            return [path.name]
+        if kind == "log" and not _log_is_ours(path):
+            return [path.name]
+        return []
+    if path.is_symlink() or not path.is_dir():
+        return [path.name]
+    pattern, found = _INSIDE[kind], []
+    for root, dirs, filenames in os.walk(path):
+        for name in [*filenames, *(d for d in dirs if os.path.islink(os.path.join(root, d)))]:
+            rel = Path(root, name).relative_to(path).as_posix()
+            if os.path.islink(os.path.join(root, name)) or not pattern.match(rel):
+                found.append(f"{path.name}/{rel}")
+    return sorted(found)
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "steps" in data and "tokens" in data
+
+
+def _prepare_output(args: PretrainArgs, main: bool) -> Path:
+    """Check ``--output`` before any work, then (``main`` only) make it ready.
+
+    A new run starts in a new or empty folder. ``--overwrite`` lets it start in a used one: it replaces what this
+    command writes there (checkpoints/, tokenizer/, bf16/, fp8/, README.md, loss_curve.png, summary.json, the log)
+    and leaves everything else alone -- refusing if one of the folders it would replace holds a file it did not
+    write (a whole-folder replace would delete it). ``--resume`` continues in the run's folder, with the same
+    refusal for the exports and card it will rewrite. Every rank checks (read-only, the same answer on all);
+    only ``main`` deletes."""
+    out = Path(args.output)
+    if args.resume and args.overwrite:
+        raise PretrainError("--resume continues the run in --output and --overwrite starts it over: pass one of them.")
+    if out.exists() and not out.is_dir():
+        raise PretrainError(f"--output {out} exists and is not a folder.")
+    names = sorted(os.listdir(out)) if out.is_dir() else []
+    log = Path(args.log_json).resolve() if args.log_json else None
+    own = {n: k for n in names if (k := _own_kind(n))}
+    if log is not None and log.parent == out.resolve() and log.name in names:
+        own[log.name] = "log"
+    tainted = {n: bad for n, kind in own.items() if (bad := _not_ours(out / n, kind))}
+    foreign = [n for n in names if n not in own]
+    if args.resume:
+        rewritten = {"summary.json"} | ({"bf16", "fp8", "README.md", "loss_curve.png"} if args.export else set())
+        replaced = [n for n in own if n in rewritten]
+    elif names and not args.overwrite:
+        if foreign or tainted:
+            others = foreign + [p for bad in tainted.values() for p in bad]
+            raise PretrainError(
+                f"--output {out} is not empty: it holds files this command did not write ({_few(others)}). Choose a "
+                "new or empty folder, or pass --overwrite to write beside them (they are kept; only this command's "
+                "own outputs are replaced)."
+            )
+        raise PretrainError(
+            f"--output {out} holds an earlier run ({_few(names)}): pass --resume to continue it, or --overwrite to "
+            "start over (its checkpoints, tokenizer, exports and card are replaced)."
+        )
+    else:
+        replaced = list(own)
+    bad = [p for n in replaced for p in tainted.get(n, [])]
+    if bad:
+        raise PretrainError(
+            f"--output {out}: the run replaces its own {_few(sorted({p.split('/')[0] for p in bad}))} whole, but "
+            f"they hold what this command did not write ({_few(bad)}); move that out first. Nothing was changed."
+        )
+    if main:
+        if not args.resume:
+            for name in replaced:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 @torch.no_grad()
@@ -214,8 +436,12 @@ def evaluate(model, windows: torch.Tensor, byte_len: torch.Tensor, batch: int) -
         tokens += int(valid.sum())
         nbytes += int(byte_len[targets[valid]].sum())
     model.train(was_training)
-    return {"eval_loss": nll / max(tokens, 1), "eval_bits_per_byte": bits_per_byte(nll, nbytes),
-            "eval_tokens": tokens, "eval_bytes": nbytes}
+    return {
+        "eval_loss": nll / max(tokens, 1),
+        "eval_bits_per_byte": bits_per_byte(nll, nbytes),
+        "eval_tokens": tokens,
+        "eval_bytes": nbytes,
+    }
 
 
 def pretrain(args: PretrainArgs) -> dict:
@@ -228,13 +454,8 @@ def pretrain(args: PretrainArgs) -> dict:
         read_meta,
         save_training_state,
     )
-    from ..distributed.data_parallel import (
-        all_reduce_expert_load,
-        apply_data_parallel,
-        check_same_on_every_rank,
-        init_layout,
-        mean_over_ranks,
-    )
+    from ..distributed.layout import check_same_on_every_rank, init_layout
+    from ..distributed.parallelize import parallelize
     from ..modeling import DeepseekV3ForCausalLM
 
     if args.threads:
@@ -258,9 +479,8 @@ def pretrain(args: PretrainArgs) -> dict:
         raise PretrainError(f"--adam-moments must be fp32 or bf16, got {args.adam_moments!r}.")
     if args.steps < 1 or args.seq_len < 2:
         raise PretrainError("--steps must be >= 1 and --seq-len >= 2.")
-    out = Path(args.output)
-    if layout.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    _refuse_writing_into_inputs(args)
+    out = _prepare_output(args, main=layout.is_main)
     layout.barrier()
     ckpt_root = out / "checkpoints"
 
@@ -278,34 +498,35 @@ def pretrain(args: PretrainArgs) -> dict:
         tok = _build_tokenizer(args, config, train_files, out)
     layout.barrier()
     if not layout.is_main:
-        tok = _build_tokenizer(args, config, train_files, out)
+        tok = _build_tokenizer(args, config, train_files, out, reuse_saved=True)
     stream = TokenStream.from_files(train_files, tok)
     sampler = WindowSampler(stream, args.seq_len, args.seed)
     eval_stream = TokenStream.from_files(eval_files, tok) if eval_files else None
     byte_len = token_byte_lengths(tok)
 
     layout_flags = {"dp": layout.dp, "pp": layout.pp, "ep": layout.ep, "pp_schedule": args.pp_schedule, "micro": micro}
-    check_same_on_every_rank(layout, {"args": args.identity() | layout_flags, "config": _config_fingerprint(config),
-                                      "data": stream.fingerprint,
-                                      "eval_data": eval_stream.fingerprint if eval_stream else None})
+    check_same_on_every_rank(
+        layout,
+        {
+            "args": args.identity() | layout_flags,
+            "config": _config_fingerprint(config),
+            "data": stream.fingerprint,
+            "eval_data": eval_stream.fingerprint if eval_stream else None,
+        },
+    )
     torch.manual_seed(args.seed)
     model = DeepseekV3ForCausalLM(config)
     tie_mtp_to_main(model)
-    if args.fp8:
-        from ..fp8.training import convert_to_fp8_training
-
-        convert_to_fp8_training(model)
-    apply_data_parallel(model, layout)  # no-op alone; FSDP2 units per decoder layer under torchrun --dp N
-    if layout.ep > 1:  # this rank keeps 1/ep of the routed experts; all-to-all dispatch in every MoE layer
-        from ..distributed.expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(model, layout)
-    pipeline = None
-    if layout.pp > 1:  # stages of torch.distributed.pipelining; this rank keeps only its layers
-        from ..distributed.pipeline import PipelineTrainer
-
-        pipeline = PipelineTrainer(model, layout, args.pp_schedule, args.global_batch_size // (micro * layout.data),
-                                   args.mtp_weight, (micro, args.seq_len), overlap=args.pp_overlap)
+    run = parallelize(
+        model,
+        layout,
+        global_batch_size=args.global_batch_size,
+        micro_batch_size=micro,
+        fp8=args.fp8,
+        pp_schedule=args.pp_schedule,
+        pp_overlap=args.pp_overlap,
+        seq_len=args.seq_len,
+    )
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -315,8 +536,12 @@ def pretrain(args: PretrainArgs) -> dict:
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     track_expert_load(model, True, training_only=True)  # evaluation must not steer the bias update
-    meta = {"args": args.identity(), "config": _config_fingerprint(config), "data": stream.fingerprint,
-            "eval_data": eval_stream.fingerprint if eval_stream else None}
+    meta = {
+        "args": args.identity(),
+        "config": _config_fingerprint(config),
+        "data": stream.fingerprint,
+        "eval_data": eval_stream.fingerprint if eval_stream else None,
+    }
 
     step, tokens_seen, history = 0, 0, []
     if args.resume:
@@ -345,78 +570,54 @@ def pretrain(args: PretrainArgs) -> dict:
     eval_w = eval_windows(eval_stream, args.seq_len) if eval_stream else None
     from transformers.utils.logging import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step",
-               disable=not (args.progress and layout.is_main))
-    n_micro = args.global_batch_size // (micro * layout.data)
-    mine = slice(layout.data_rank * micro, (layout.data_rank + 1) * micro)
+    bar = tqdm(
+        total=args.steps, initial=step, desc="pretrain", unit="step", disable=not (args.progress and layout.is_main)
+    )
     t_last = time.perf_counter()
     while step < args.steps:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if pipeline is not None:  # the same windows, in micro-batches through the stages
-            parts = pipeline.train_step(sampler.next_batch(args.global_batch_size))
-        else:
-            parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-            for _ in range(n_micro):
-                # every rank draws the same windows and keeps its slice: the step sees the single process's batch
-                batch = sampler.next_batch(micro * layout.data)[mine]  # (B, seq_len + 1)
-                # position i predicts token i+1 (shift_labels: already shifted, so the window's last token counts)
-                out_ = model(batch[:, :-1], shift_labels=batch[:, 1:].contiguous(), use_cache=False)
-                (out_.loss / n_micro).backward()
-                parts["loss"] += float(out_.loss.detach()) / n_micro
-                parts["lm_loss"] += float(out_.lm_loss.detach()) / n_micro
-                parts["mtp_loss"] += float(out_.mtp_loss.detach()) / n_micro if out_.mtp_loss is not None else 0.0
-                parts["balance_loss"] += float(out_.aux_loss.detach()) / n_micro if out_.aux_loss is not None else 0.0
-            parts = mean_over_ranks(parts, layout)
+        parts = run.forward_backward(sampler.next_batch(args.global_batch_size))
         if not math.isfinite(parts["loss"]):
             last = latest_checkpoint(ckpt_root)
             raise PretrainError(
                 f"step {step}: the loss is {parts['loss']} (not finite). Lower --lr (now {args.lr}) or raise "
                 f"--warmup-steps; the last good checkpoint is {last or 'none (nothing saved yet)'} (--resume)."
             )
-        replicated = layout.data > 1 and not layout.sharded  # data ranks holding whole weights (--pp / --ep)
-        if replicated:  # gradients averaged over the data ranks, experts over their replicas
-            from ..distributed.expert_parallel import replicated_parameters, sync_gradients
-
-            sync_gradients(model, layout)
-        if pipeline is not None or replicated:  # each parameter's norm counted once over all ranks
-            from ..distributed.pipeline import clip_grad_norm_over_ranks
-
-            held = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-            uncounted = pipeline.uncounted() if pipeline is not None else set()
-            if replicated:
-                uncounted |= replicated_parameters(model, layout)
-            grad_norm = clip_grad_norm_over_ranks(held, args.grad_clip, uncounted)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = run.clip_grad_norm_(args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        all_reduce_expert_load(model, layout)
-        imbalance = update_routing_bias(model, args.bias_update_rate)
-        if layout.pp > 1:  # each rank updated its own layers; the log shows all of them
-            from ..distributed.pipeline import merge_over_ranks
-
-            imbalance = merge_over_ranks(imbalance)
+        layout.sum_(list(expert_load_counts(model).values()))  # every rank's bias update sees the global batch
+        imbalance = layout.merge(update_routing_bias(model, args.bias_update_rate))
         step += 1
         tokens_seen += args.global_batch_size * args.seq_len
         now = time.perf_counter()
-        record = {"step": step, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr, "tokens": tokens_seen,
-                  "tokens_per_s": round(args.global_batch_size * args.seq_len / max(now - t_last, 1e-9), 1),
-                  "grad_norm": round(grad_norm, 4),
-                  "expert_load_imbalance": round(sum(imbalance.values()) / len(imbalance), 4) if imbalance else None}
+        record = {
+            "step": step,
+            **{k: round(v, 6) for k, v in parts.items()},
+            "lr": lr,
+            "tokens": tokens_seen,
+            "tokens_per_s": round(args.global_batch_size * args.seq_len / max(now - t_last, 1e-9), 1),
+            "grad_norm": round(grad_norm, 4),
+            "expert_load_imbalance": round(sum(imbalance.values()) / len(imbalance), 4) if imbalance else None,
+        }
         t_last = now
         if eval_w is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            if pipeline is None:
+            if run.pipeline is None:
                 figures = evaluate(model, eval_w, byte_len, micro)
             else:  # gathered on rank 0 and evaluated there, the others wait for the figures
-                plain = _gather_plain_model(model, layout, config)
+                plain = _gather_plain_model(run, config)
                 figures = layout.broadcast(evaluate(plain, eval_w, byte_len, micro) if layout.is_main else None)
             record.update({k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()})
-        history.append({k: record[k] for k in ("step", "loss", "lm_loss", "mtp_loss") if k in record}
-                       | ({"eval_loss": record["eval_loss"], "eval_bits_per_byte": record["eval_bits_per_byte"]}
-                          if "eval_loss" in record else {}))
+        history.append(
+            {k: record[k] for k in ("step", "loss", "lm_loss", "mtp_loss") if k in record}
+            | (
+                {"eval_loss": record["eval_loss"], "eval_bits_per_byte": record["eval_bits_per_byte"]}
+                if "eval_loss" in record
+                else {}
+            )
+        )
         logger.write(record)
         bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
@@ -424,10 +625,17 @@ def pretrain(args: PretrainArgs) -> dict:
             save(step)
     bar.close()
     save(step)
-    summary = {"steps": step, "tokens": tokens_seen, "final": history[-1] if history else {},
-               "train_data": describe(train_files), "eval_data": describe(eval_files) if eval_files else None,
-               "data_parallel": layout.dp, "pipeline_parallel": layout.pp, "expert_parallel": layout.ep}
-    plain = _gather_plain_model(model, layout, config) if args.export else None  # collective under --dp
+    summary = {
+        "steps": step,
+        "tokens": tokens_seen,
+        "final": history[-1] if history else {},
+        "train_data": describe(train_files),
+        "eval_data": describe(eval_files) if eval_files else None,
+        "data_parallel": layout.dp,
+        "pipeline_parallel": layout.pp,
+        "expert_parallel": layout.ep,
+    }
+    plain = _gather_plain_model(run, config) if args.export else None  # collective under --dp
     if layout.is_main:
         if args.export:
             summary["exports"] = export(plain, tok, out, config)
@@ -440,27 +648,20 @@ def pretrain(args: PretrainArgs) -> dict:
     return summary
 
 
-def _gather_plain_model(model, layout, config):
+def _gather_plain_model(run, config):
     """The trained model as one unsharded module on rank 0 (the model itself when alone; None elsewhere)."""
-    if not layout.distributed:
+    model = run.model
+    if not run.layout.distributed:
         return model
-    from ..distributed.data_parallel import full_state_dict
     from ..modeling import DeepseekV3ForCausalLM
 
-    if layout.pp > 1 or layout.ep > 1:  # each parameter held by one rank (or replicas of equal value)
-        from ..distributed.pipeline import gather_state_dict
-
-        full = gather_state_dict(model, layout)
-    else:
-        full = full_state_dict(model, layout)
+    full = run.full_state_dict()  # collective
     if full is None:  # not rank 0
         return None
     plain = DeepseekV3ForCausalLM(config)
     tie_mtp_to_main(plain)
-    if "_fp8_training" in model.__dict__:
-        from ..fp8.training import convert_to_fp8_training
-
-        convert_to_fp8_training(plain)
+    if fp8_training_recipe(model) is not None:
+        convert_to_fp8_training(plain, fp8_training_recipe(model))
     missing, unexpected = plain.load_state_dict(full, strict=False)
     if missing or unexpected:
         raise PretrainError(f"gathering the trained model failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -476,9 +677,7 @@ def export(model, tok, out: Path, config) -> dict:
     for layer in export_model.model.mtp_layers:  # the official files hold separate copies of the shared tensors
         layer.embed_tokens.weight = torch.nn.Parameter(layer.embed_tokens.weight.detach().clone())
         layer.shared_head.head.weight = torch.nn.Parameter(layer.shared_head.head.weight.detach().clone())
-    if "_fp8_training" in export_model.__dict__:
-        from ..fp8.training import convert_from_fp8_training
-
+    if fp8_training_recipe(export_model) is not None:
         convert_from_fp8_training(export_model)
     export_model.config.use_cache = True
     export_model.config.architectures = ["DeepseekV3ForCausalLM"]

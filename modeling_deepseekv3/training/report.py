@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["write_loss_curve", "write_model_card"]
+__all__ = ["CARD_TITLE", "is_model_card", "write_loss_curve", "write_model_card"]
+
+# the card's first line; ``pretrain`` replaces a README.md only when it starts so (a user's own README is kept)
+CARD_TITLE = "# A DeepSeek-V3 in miniature, pretrained with `deepseek-v3 pretrain`"
 
 
 def write_loss_curve(history: list[dict], path: Path) -> str | None:
@@ -44,9 +47,20 @@ def _attribution(data: list[str]) -> list[str]:
             source = folder / "SOURCE.json"
             if source.is_file():
                 info = json.loads(source.read_text())
-                fields = ", ".join(f"{k}: {v}" for k, v in info.items() if k in ("package", "works", "held_out", "sdist_sha256"))
+                fields = ", ".join(
+                    f"{k}: {v}" for k, v in info.items() if k in ("package", "works", "held_out", "sdist_sha256")
+                )
                 return [f"- source: {fields}", f"- license: {info.get('license', 'see ' + str(source))}"]
     return ["- source and license: not recorded (no SOURCE.json beside the data); credit the text's authors here."]
+
+
+def is_model_card(path: Path) -> bool:
+    """Whether ``path`` is a card :func:`write_model_card` wrote (and so may be written over)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\n") == CARD_TITLE
+    except OSError:
+        return False
 
 
 def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
@@ -54,7 +68,7 @@ def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     final = summary.get("final", {})
     lines = [
-        "# A DeepSeek-V3 in miniature, pretrained with `deepseek-v3 pretrain`",
+        CARD_TITLE,
         "",
         f"{n_params / 1e6:.1f}M parameters ({config.num_hidden_layers} layers: {config.first_k_dense_replace} dense, "
         f"{config.num_hidden_layers - config.first_k_dense_replace} MoE with {config.n_routed_experts} routed experts "

@@ -1,4 +1,4 @@
-"""DeepSeekMoE (spec §6): the router, the routed experts, the shared expert, and the dispatch between them.
+"""DeepSeekMoE (docs/deepseek_v3.md §6): the router, the routed experts, the shared expert, and the dispatch between them.
 
 Shape-suffix legend: T = tokens, D = hidden size, K = experts per token, A = assignments (T*K).
 """

@@ -1,4 +1,4 @@
-"""The aux-loss-free group-limited router of DeepSeek-V3 (spec §6), in float32.
+"""The aux-loss-free group-limited router of DeepSeek-V3 (docs/deepseek_v3.md §6), in float32.
 
 Shape-suffix legend: T = tokens, D = hidden size, E = routed experts, K = experts per token, G = groups.
 
