@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import modeling_deepseekv3 as ds
+from helpers import corpus
 from modeling_deepseekv3.checkpoint import TINY_CONFIG
 
 
@@ -40,8 +41,15 @@ def tiny_fp8(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bf16_direct_q(tmp_path_factory):
     """Moonlight-style: BF16 weights, q_lora_rank null (direct q_proj), no MTP, no YaRN, eps 1e-5."""
-    overrides = {"q_lora_rank": None, "rope_scaling": None, "rope_theta": 50000, "rms_norm_eps": 1e-5,
-                 "n_group": 1, "topk_group": 1, "n_shared_experts": 2}
+    overrides = {
+        "q_lora_rank": None,
+        "rope_scaling": None,
+        "rope_theta": 50000,
+        "rms_norm_eps": 1e-5,
+        "n_group": 1,
+        "topk_group": 1,
+        "n_shared_experts": 2,
+    }
     return ds.make_tiny_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "tiny-bf16", fp8=False, mtp=False, num_shards=2, seed=1, overrides=overrides
     )
@@ -50,3 +58,15 @@ def tiny_bf16_direct_q(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config():
     return ds.DeepseekV3Config(**{k: v for k, v in TINY_CONFIG.items()})
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """A tiny pretraining corpus (``train/a.txt``, ``train/b.txt``, ``eval.txt``), built once per module: tests
+    may add files to it (and must remove them)."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train").mkdir()
+    corpus(root / "train" / "a.txt", 600, 0)
+    corpus(root / "train" / "b.txt", 600, 1)
+    corpus(root / "eval.txt", 150, 2)
+    return root

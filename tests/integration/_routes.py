@@ -1,6 +1,6 @@
 """Run one loading route in a fresh process (registration is process-wide) and print a JSON report.
 
-    python tests/integration/_routes.py ROUTE CHECKPOINT_DIR
+python tests/integration/_routes.py ROUTE CHECKPOINT_DIR
 """
 
 import json
@@ -44,8 +44,9 @@ elif route == "kimi":
     report["model_class"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).__class__.__name__
     import transformers.models.deepseek_v3 as native
 
-    report["native_still_native"] = AutoModelForCausalLM.from_config(native.DeepseekV3Config(
-        **{k: v for k, v in ds.checkpoint.TINY_CONFIG.items()})).__class__.__module__
+    report["native_still_native"] = AutoModelForCausalLM.from_config(
+        native.DeepseekV3Config(**{k: v for k, v in ds.checkpoint.TINY_CONFIG.items()})
+    ).__class__.__module__
     print(json.dumps(report))
     sys.exit(0)
 model = pipe.model

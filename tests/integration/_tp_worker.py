@@ -1,6 +1,6 @@
 """One rank of a ``tp_plan="auto"`` run (started by torchrun from test_distributed.py); rank 0 writes a JSON report.
 
-    torchrun --nproc-per-node 2 tests/integration/_tp_worker.py CHECKPOINT_DIR REPORT.json
+torchrun --nproc-per-node 2 tests/integration/_tp_worker.py CHECKPOINT_DIR REPORT.json
 """
 
 import json

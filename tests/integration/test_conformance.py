@@ -25,6 +25,7 @@ def grads_of(model, ids) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow  # whole-model backward passes, with and without checkpointing
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpointing_gives_every_gradient(tiny_bf16_direct_q, reentrant):
     """Every parameter, routed experts included, gets the gradient it gets without checkpointing (the
@@ -55,7 +56,7 @@ def test_reentrant_checkpointing_refuses_a_balance_loss_it_cannot_train(tiny_bf1
     with pytest.raises(ValueError, match="use_reentrant"):
         model(ids, labels=ids)
     for module in model.modules():  # frozen routers (LoRA): the balance term is only reported
-        if isinstance(module, ds.moe.TopkRouter):
+        if isinstance(module, ds.core.moe.TopkRouter):
             module.weight.requires_grad_(False)
     assert model(ids, labels=ids).aux_loss is not None
 
@@ -71,8 +72,9 @@ def test_packed_batch_equals_the_sequences_one_by_one(tiny_fp8):
         alone = torch.cat([model(s).logits for s in seqs], 1)
         by_positions = model(packed, position_ids=position_ids).logits
         cu = torch.tensor([0, 7, 12, 21], dtype=torch.int32)
-        by_cu = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
-                      max_length_k=9).logits
+        by_cu = model(
+            packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9
+        ).logits
         unpacked = model(packed).logits  # without the boundaries the later sequences attend across
     torch.testing.assert_close(by_positions, alone, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(by_cu, alone, rtol=1e-4, atol=1e-4)
@@ -92,7 +94,10 @@ def test_packed_batch_equals_the_sequences_one_by_one(tiny_fp8):
 
 def test_output_loading_info(tiny_fp8):
     model, info = ds.DeepseekV3ForCausalLM.from_pretrained(tiny_fp8, dtype=torch.float32, output_loading_info=True)
-    assert isinstance(model, ds.DeepseekV3ForCausalLM) and not model.fp8_modules()["model.layers.1.self_attn.o_proj"].weight.requires_grad
+    assert (
+        isinstance(model, ds.DeepseekV3ForCausalLM)
+        and not model.fp8_modules()["model.layers.1.self_attn.o_proj"].weight.requires_grad
+    )
     assert info["missing_keys"] == set() or not info["missing_keys"]
 
 
@@ -116,11 +121,13 @@ def test_return_dict_false(tiny_fp8):
         assert isinstance(lm, tuple) and torch.equal(lm[0], causal(ids).logits)
 
 
+@pytest.mark.slow  # torch.compile of whole models, fp32 and bf16
 def test_compile_in_fp32_and_bf16(tmp_path):
     """torch.compile on CPU: fp32 takes the plain expert path (inductor's CPU grouped_mm is BF16-only). Every
     expert is routed to (top-16 of 16), so BF16 rounding differences cannot flip routing."""
-    path = ds.make_tiny_checkpoint(tmp_path / "ckpt", fp8=False, mtp=False, overrides={"num_experts_per_tok": 16,
-                                                                                         "topk_group": 4})
+    path = ds.make_tiny_checkpoint(
+        tmp_path / "ckpt", fp8=False, mtp=False, overrides={"num_experts_per_tok": 16, "topk_group": 4}
+    )
     for dtype in (torch.float32, torch.bfloat16):
         model = load(path, dtype=dtype)
         ids = input_ids(1, 6)
@@ -159,7 +166,9 @@ def test_eager_attention_and_output_attentions(tiny_fp8):
     eager.config.output_attentions = False
     with torch.no_grad():
         assert sdpa(ids).attentions is None
-        out = sdpa.generate(ids, max_new_tokens=3, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+        out = sdpa.generate(
+            ids, max_new_tokens=3, do_sample=False, output_attentions=True, return_dict_in_generate=True
+        )
     assert len(out.attentions) == 3 and out.attentions[-1][0].shape[-1] == 11  # one per step, over the cache
 
 
@@ -185,7 +194,10 @@ def test_linear_and_dynamic_rope_scaling_work():
     from modeling_deepseekv3.core.rope import RotaryEmbedding
 
     base = _rope_variant(None)
-    linear, dynamic = _rope_variant({"type": "linear", "factor": 2.0}), _rope_variant({"type": "dynamic", "factor": 2.0})
+    linear, dynamic = (
+        _rope_variant({"type": "linear", "factor": 2.0}),
+        _rope_variant({"type": "dynamic", "factor": 2.0}),
+    )
     linear.load_state_dict(base.state_dict())
     dynamic.load_state_dict(base.state_dict())
     pos = torch.arange(24)[None]
@@ -206,8 +218,9 @@ def test_causal_lm_from_a_base_model_checkpoint(tiny_bf16_direct_q, tmp_path, ca
     initialized (and reported), as transformers does, while truly missing weights still fail loudly."""
     base = ds.DeepseekV3Model.from_pretrained(tiny_bf16_direct_q, dtype=torch.float32)
     base.save_pretrained(tmp_path / "base")
-    model, info = ds.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
-                                                           output_loading_info=True)
+    model, info = ds.DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path / "base", dtype=torch.float32, output_loading_info=True
+    )
     assert "lm_head.weight" in info["missing_keys"]
     assert torch.isfinite(model.lm_head.weight).all() and model.lm_head.weight.std() > 0
     torch.testing.assert_close(model.model.embed_tokens.weight, base.embed_tokens.weight)
@@ -260,14 +273,21 @@ OPT_IN = os.environ.get("DSV3_CONFORMANCE") or os.environ.get("DSV3_CONFORMANCE_
 
 
 @pytest.mark.conformance
-@pytest.mark.skipif(not OPT_IN, reason="opt-in: DSV3_CONFORMANCE=1 (fetches transformers' tests) or "
-                    "DSV3_CONFORMANCE_TESTS_DIR=<transformers checkout>")
+@pytest.mark.skipif(
+    not OPT_IN,
+    reason="opt-in: DSV3_CONFORMANCE=1 (fetches transformers' tests) or "
+    "DSV3_CONFORMANCE_TESTS_DIR=<transformers checkout>",
+)
 def test_transformers_model_suite(tmp_path):
     """transformers' own DeepSeek-V3 model tests: ours passes every test the native classes pass, except those
     benchmarks/conformance.py lists as assuming transformers' internals (or needing a head we do not have)."""
     out = tmp_path / "conformance.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conformance.py"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=4 * 3600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "conformance.py"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=4 * 3600,
+    )
     if proc.returncode == 2:
         pytest.skip("transformers' tests unavailable: " + " ".join(proc.stderr.split())[:300])
     assert out.exists(), proc.stderr[-3000:]

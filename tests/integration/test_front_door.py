@@ -42,7 +42,9 @@ def native(tiny_fp8, tmp_path_factory):
 # ------------------------------------------------------------------------------------- generate()
 
 
-@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3}, {"num_beams": 3}], ids=["greedy", "rep_penalty", "beam"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"repetition_penalty": 1.3}, {"num_beams": 3}], ids=["greedy", "rep_penalty", "beam"]
+)
 def test_generation_equals_transformers_native(model, native, extra):
     ids = input_ids(2, 7)
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, **extra)
@@ -66,11 +68,11 @@ def test_sampling_is_seeded_and_respects_top_k(model):
 def test_stop_strings(model, tok):
     prompt = tok("The sea is", return_tensors="pt")
     full = model.generate(**prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    text = tok.decode(full[0, prompt.input_ids.shape[1]:])
+    text = tok.decode(full[0, prompt.input_ids.shape[1] :])
     stop = text[6:10]
     assert len(stop.strip()) > 0
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tok)
-    short = tok.decode(out[0, prompt.input_ids.shape[1]:])
+    short = tok.decode(out[0, prompt.input_ids.shape[1] :])
     assert out.shape[1] < full.shape[1] and stop in short and text.startswith(short)
 
 
@@ -80,9 +82,11 @@ def test_streaming(model, tok):
     streamer = TextStreamer(tok, skip_prompt=True)
     streamer.on_finalized_text = lambda text, stream_end=False: pieces.append(text)
     out = model.generate(**prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, streamer=streamer)
-    assert "".join(pieces) == tok.decode(out[0, prompt.input_ids.shape[1]:])
+    assert "".join(pieces) == tok.decode(out[0, prompt.input_ids.shape[1] :])
     it = TextIteratorStreamer(tok, skip_prompt=True)
-    worker = threading.Thread(target=model.generate, kwargs=dict(**prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, streamer=it))
+    worker = threading.Thread(
+        target=model.generate, kwargs=dict(**prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, streamer=it)
+    )
     worker.start()
     streamed = "".join(it)
     worker.join()
@@ -108,7 +112,7 @@ def test_pipeline_text_and_chat(model, tok):
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
     ref = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert out[-1]["content"] == tok.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    assert out[-1]["content"] == tok.decode(ref[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_tiny_tokenizer_matches_the_model(tok, model):
@@ -128,8 +132,11 @@ OFFICIAL_CHAT = (
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the weather in Paris?"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    },
     {"role": "tool", "content": "15°C, sunny"},
     {"role": "assistant", "content": "It is 15°C and sunny."},
     {"role": "user", "content": "Thanks! And 2+2?"},
@@ -142,25 +149,40 @@ def test_real_tokenizer_and_official_chat_format():
     assert tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == OFFICIAL_CHAT
     simple = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Hello!"}]
     assert tok.apply_chat_template(simple, tokenize=False) == (
-        "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>")
+        "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+    )
     ids = tok(OFFICIAL_CHAT, add_special_tokens=False).input_ids
     assert ids[0] == 0 and 128803 in ids and ids[-1] == 128804
 
 
-@pytest.mark.parametrize("conversation", [
-    CONVERSATION,
-    [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "q"}],
-    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "calling", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{}"}},
-        {"type": "function", "function": {"name": "g", "arguments": "{}"}}]}, {"role": "tool", "content": "r"},
-     {"role": "tool", "content": "s"}],
-], ids=["tools", "two_systems", "parallel_calls_open"])
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        CONVERSATION,
+        [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "q"}],
+        [
+            {"role": "user", "content": "x"},
+            {
+                "role": "assistant",
+                "content": "calling",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"type": "function", "function": {"name": "g", "arguments": "{}"}},
+                ],
+            },
+            {"role": "tool", "content": "r"},
+            {"role": "tool", "content": "s"},
+        ],
+    ],
+    ids=["tools", "two_systems", "parallel_calls_open"],
+)
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_our_template_renders_like_the_official(conversation, generation_prompt):
     tok = ds.deepseek_v3_tokenizer()
     official = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
-    ours = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt,
-                                   chat_template=CHAT_TEMPLATE)
+    ours = tok.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=generation_prompt, chat_template=CHAT_TEMPLATE
+    )
     assert ours == official
 
 
@@ -169,8 +191,13 @@ def test_our_template_renders_like_the_official(conversation, generation_prompt)
 
 def run_route(route: str, path: Path, *extra: str) -> dict:
     env = {**os.environ, "HF_MODULES_CACHE": str(path.parent / "modules"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_routes.py")), route, str(path), *extra],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_routes.py")), route, str(path), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -189,6 +216,7 @@ def official_checkout(tiny_fp8, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # three fresh processes
 def test_three_routes_load_our_model_and_agree(official_checkout, tmp_path):
     assert cli(["install-hub-files", str(official_checkout)]) == 0
     assert (official_checkout / "modeling_deepseek.py.orig").read_text() == "# DeepSeek's original file\n"
@@ -199,7 +227,9 @@ def test_three_routes_load_our_model_and_agree(official_checkout, tmp_path):
         assert report["is_ours"] and report["fp8"] == "torch.float8_e4m3fn"
         assert report["chat"] == by_class["chat"] and report["text"] == by_class["text"]
     assert registered["config_class"] == "DeepseekV3PluginConfig"
-    assert remote["config_class"] == "DeepseekV3RemoteConfig" and remote["model_class"].startswith("transformers_modules")
+    assert remote["config_class"] == "DeepseekV3RemoteConfig" and remote["model_class"].startswith(
+        "transformers_modules"
+    )
     # a checkpoint saved from the remote-code route still carries the shims and the official format
     saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
     assert saved["quantization_config"]["quant_method"] == "fp8" and "AutoModelForCausalLM" in saved["auto_map"]
@@ -230,8 +260,22 @@ def test_cli_generate_streams_and_reports(tiny_fp8, capsys):
     assert cli(["generate", str(tiny_fp8), "--prompt", "Hello", "--chat", "--max-new-tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "B/token/layer" in out
-    assert cli(["generate", str(tiny_fp8), "--prompt", "Hello", "--max-new-tokens", "10", "--mtp",
-                "--num-speculative-tokens", "2"]) == 0
+    assert (
+        cli(
+            [
+                "generate",
+                str(tiny_fp8),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "10",
+                "--mtp",
+                "--num-speculative-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "MTP k=2: acceptance" in capsys.readouterr().out
 
 
@@ -248,19 +292,28 @@ def test_cli_rejects_a_tokenizer_larger_than_the_model(tiny_fp8, tmp_path):
     assert cli(["generate", str(path), "--prompt", "x"]) == 2  # falls back to the 128K tokenizer: refused
 
 
+@pytest.mark.slow  # a training run in a fresh process
 def test_finetune_example_learns(tmp_path):
     source = ROOT / "examples" / "finetune_lora.py"
     assert len(source.read_text().splitlines()) <= 100
-    proc = subprocess.run([sys.executable, str(source), "--model", str(tmp_path / "tiny"), "--output", str(tmp_path / "adapter")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(source), "--model", str(tmp_path / "tiny"), "--output", str(tmp_path / "adapter")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith(("before", "after", "loss")))
+    lines = dict(
+        line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith(("before", "after", "loss"))
+    )
     first, last = (float(v) for v in lines["loss"].split("(")[0].split("->"))
     assert last < 0.5 * first
     assert lines["before"].strip() != lines["after"].strip()
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # a fresh process per example
 @pytest.mark.parametrize("script,stdin", [("generate.py", None), ("chat.py", "Hello!\nHow are you?\n/exit\n")])
 def test_examples_run(script, stdin, tmp_path, tiny_fp8):
     """generate.py runs on the shipped model (its default) and on any official checkout; chat.py on a tiny one."""
@@ -269,8 +322,14 @@ def test_examples_run(script, stdin, tmp_path, tiny_fp8):
     runs = [[]] if script == "generate.py" else []
     runs.append(["--model", str(tiny_fp8 if script == "generate.py" else tmp_path / "tiny")])
     for extra in runs:
-        proc = subprocess.run([sys.executable, str(source), "--max-new-tokens", "12", *extra], input=stdin,
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, str(source), "--max-new-tokens", "12", *extra],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         if script == "generate.py":
             assert "tokens/s" in proc.stdout and "with MTP" in proc.stdout and "acceptance" in proc.stdout

@@ -227,8 +227,10 @@ def test_load_tokenizer_falls_back_only_when_asked(tiny_fp8, tmp_path):
     assert len(ds.load_tokenizer(tiny_fp8)) <= 1024
 
 
-@pytest.mark.parametrize("case", ["bin_only", "config_path", "missing_layers_field", "empty_config", "list_config",
-                                  "no_config", "missing_dir"])
+@pytest.mark.parametrize(
+    "case",
+    ["bin_only", "config_path", "missing_layers_field", "empty_config", "list_config", "no_config", "missing_dir"],
+)
 def test_the_real_cause_is_diagnosed(tiny_fp8, tmp_path, case):
     ckpt = copy(tiny_fp8, tmp_path / "ckpt")
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -269,7 +271,9 @@ def test_layer_count_mismatch_is_explained(tiny_fp8, tmp_path):
         load(ckpt, load_mtp=False)
 
 
-@pytest.mark.parametrize("change,field", [({"rope_theta": "abc"}, "rope_theta"), ({"attention_dropout": -1}, "attention_dropout")])
+@pytest.mark.parametrize(
+    "change,field", [({"rope_theta": "abc"}, "rope_theta"), ({"attention_dropout": -1}, "attention_dropout")]
+)
 def test_config_values_name_their_field(change, field):
     from modeling_deepseekv3.checkpoint import TINY_CONFIG
 
@@ -277,10 +281,13 @@ def test_config_values_name_their_field(change, field):
         ds.DeepseekV3Config(**{**TINY_CONFIG, **change})
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
+    ],
+)
 def test_cli_refuses_out_of_range_sampling(tiny_fp8, capsys, argv, match):
     with pytest.raises(SystemExit):
         cli(["generate", str(tiny_fp8), "--prompt", "x", *argv])
@@ -298,6 +305,7 @@ def test_cli_errors_are_one_line_with_debug_for_the_traceback(tmp_path, capsys):
         cli(["--debug", "plan", str(tmp_path / "ckpt" / "config.json"), "--gpus", "1x80GiB"])
 
 
+@pytest.mark.slow  # hundreds of generate() calls
 def test_generating_in_a_loop_does_not_grow(tiny_fp8):
     """Item 8: wave 1's FP8 path leaked ~1.9 MiB per 200 tokens (linear, never reclaimed); the long version is
     ``benchmarks/soak.py``. After a warm-up, 20 more generations of 100 tokens on the default FP8 path must stay

@@ -8,8 +8,8 @@ import torch
 import modeling_deepseekv3 as ds
 from helpers import input_ids, load
 from modeling_deepseekv3.checkpoint import checkpoint_layout
-from modeling_deepseekv3.fp8 import FP8Linear
 from modeling_deepseekv3.core.mtp import DeepseekV3MTPLayer
+from modeling_deepseekv3.fp8 import FP8Linear
 
 
 def test_state_dict_is_the_official_layout(tiny_fp8):
@@ -155,7 +155,9 @@ def test_labels_loss_logits_to_keep_hidden_states(tiny_fp8):
     model = load(tiny_fp8)
     ids = input_ids(batch=2, seq=10)
     out = model(ids, labels=ids, output_hidden_states=True)
-    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ref = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
     # eval mode (from_pretrained's default): the loss is the plain LM loss although the MTP layer is loaded
     assert not model.training and out.mtp_loss is not None and out.aux_loss is None
     torch.testing.assert_close(out.loss, ref)
@@ -197,8 +199,12 @@ def test_random_init_from_config(tiny_config):
     import copy
 
     cfg = copy.deepcopy(tiny_config)
-    cfg.fp8_quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                   "activation_scheme": "dynamic"}
+    cfg.fp8_quantization_config = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
     model = ds.DeepseekV3ForCausalLM(cfg)
     lin = model.model.layers[1].self_attn.kv_a_proj_with_mqa
     assert isinstance(lin, FP8Linear) and torch.isfinite(lin.dequantized_weight()).all()

@@ -34,8 +34,15 @@ def test_greedy_is_identical_to_plain_decoding(request, fixture, k, batch):
     model = load(request.getfixturevalue(fixture))
     ids, mask = left_padded([9, 5, 12, 7][:batch]) if batch > 1 else (input_ids(1, 8), None)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=18, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=18, do_sample=False, use_mtp=True,
-                         num_speculative_tokens=k, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=18,
+        do_sample=False,
+        use_mtp=True,
+        num_speculative_tokens=k,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, plain)
     stats = out.mtp_stats
     assert isinstance(stats, MTPStats) and stats.forwards > 0 and len(stats.acceptance) == k
@@ -71,8 +78,15 @@ def test_a_draft_equal_to_the_target_is_always_accepted(tiny_bf16_mtp, do_sample
     model = oracle_model(tiny_bf16_mtp)
     ids = input_ids(2, 6)
     torch.manual_seed(0)
-    out = model.generate(ids, max_new_tokens=13, min_new_tokens=13, do_sample=do_sample, use_mtp=True,
-                         num_speculative_tokens=3, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=13,
+        min_new_tokens=13,
+        do_sample=do_sample,
+        use_mtp=True,
+        num_speculative_tokens=3,
+        return_dict_in_generate=True,
+    )
     assert out.mtp_stats.acceptance == [1.0, 1.0, 1.0]
     assert out.mtp_stats.tokens_per_forward == 4.0  # k drafts + the bonus token per forward
     if not do_sample:
@@ -106,14 +120,24 @@ def test_rows_stop_independently_and_all_generate_features(tiny_fp8):
     ids, mask = left_padded([6, 9])
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     eos = int(plain[0, 12])  # a token row 0 emits mid-way: as EOS it ends row 0 early
-    plain_eos = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                               pad_token_id=0)
-    spec_eos = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                              pad_token_id=0, use_mtp=True, num_speculative_tokens=2)
+    plain_eos = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    spec_eos = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        use_mtp=True,
+        num_speculative_tokens=2,
+    )
     assert torch.equal(spec_eos, plain_eos)
     torch.manual_seed(0)
-    several = model.generate(input_ids(1, 7), max_new_tokens=6, min_new_tokens=6, do_sample=True,
-                             num_return_sequences=3, use_mtp=True)
+    several = model.generate(
+        input_ids(1, 7), max_new_tokens=6, min_new_tokens=6, do_sample=True, num_return_sequences=3, use_mtp=True
+    )
     assert several.shape == (3, 13) and not torch.equal(several[0], several[1])
     # repetition penalty, static and FP8 latent caches
     for extra in ({"repetition_penalty": 1.3}, {"cache_implementation": "static"}):
@@ -121,18 +145,20 @@ def test_rows_stop_independently_and_all_generate_features(tiny_fp8):
         b = model.generate(input_ids(1, 7), max_new_tokens=10, do_sample=False, use_mtp=True, **extra)
         assert torch.equal(a, b), extra
     fp8_cache = load(tiny_fp8, latent_cache_format="fp8")
-    assert torch.equal(fp8_cache.generate(input_ids(1, 7), max_new_tokens=10, do_sample=False),
-                       fp8_cache.generate(input_ids(1, 7), max_new_tokens=10, do_sample=False, use_mtp=True))
+    assert torch.equal(
+        fp8_cache.generate(input_ids(1, 7), max_new_tokens=10, do_sample=False),
+        fp8_cache.generate(input_ids(1, 7), max_new_tokens=10, do_sample=False, use_mtp=True),
+    )
     # stop strings and a streamer
     prompt = tok("The sea is", return_tensors="pt").input_ids
-    text = tok.decode(model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:])
+    text = tok.decode(model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :])
     stop = text[3:6]
     a = model.generate(prompt, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tok)
     b = model.generate(prompt, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tok, use_mtp=True)
     assert torch.equal(a, b) and a.shape[1] < prompt.shape[1] + 12
     streamer = TextIteratorStreamer(tok, skip_prompt=True)
     out = model.generate(prompt, max_new_tokens=12, do_sample=False, use_mtp=True, streamer=streamer)
-    assert "".join(streamer) == tok.decode(out[0, prompt.shape[1]:])
+    assert "".join(streamer) == tok.decode(out[0, prompt.shape[1] :])
 
 
 def test_draft_logits_equal_transformers_native_mtp(tiny_fp8, tmp_path):

@@ -40,6 +40,7 @@ def train_adapters(peft_model, batch, steps: int, lr: float = 1e-2) -> list[floa
     return losses
 
 
+@pytest.mark.slow  # a training run
 def test_plain_get_peft_model_wraps_every_target_and_trains(tiny_bf16_direct_q, tmp_path):
     """Plain PEFT usage, no helper: PEFT's "deepseek_v3" target rewrite must not drop the expert targets."""
     model = load(tiny_bf16_direct_q)
@@ -72,7 +73,13 @@ def test_plain_get_peft_model_wraps_every_target_and_trains(tiny_bf16_direct_q, 
 
 def test_scopes(tiny_fp8):
     config = load(tiny_fp8).config
-    assert lora_target_modules(config, "attention") == ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    assert lora_target_modules(config, "attention") == [
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+    ]
     model = get_peft_model(load(tiny_fp8), lora_config(config, "experts"))
     wrapped = lora_modules(model)
     assert wrapped and all(".mlp.experts." in n for n in wrapped)
@@ -133,7 +140,9 @@ def test_merge_into_fp8_save_and_reload(tmp_path, scale_fmt):
     merged = peft_model.merge_and_unload()
     assert isinstance(merged.model.layers[1].mlp.experts[0].up_proj, ds.FP8Linear)
     got = merged.model.layers[1].mlp.experts[5].up_proj
-    s_full = got.weight_scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[: target.shape[0], : target.shape[1]]
+    s_full = got.weight_scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[
+        : target.shape[0], : target.shape[1]
+    ]
     bound = torch.maximum(target.abs() / 16, s_full / 1024) * (1 + 1e-5)
     assert bool(((got.dequantized_weight() - target).abs() <= bound).all())
     merged.save_pretrained(tmp_path / "merged")
@@ -159,8 +168,15 @@ def test_unmerge_restores_the_fp8_bytes(tiny_fp8):
 
 
 def test_merged_fp8_loads_in_transformers_native(tmp_path):
-    aligned = {"q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 128, "qk_nope_head_dim": 64,
-               "v_head_dim": 64, "moe_intermediate_size": 256, "intermediate_size": 512}
+    aligned = {
+        "q_lora_rank": 128,
+        "kv_lora_rank": 128,
+        "qk_rope_head_dim": 128,
+        "qk_nope_head_dim": 64,
+        "v_head_dim": 64,
+        "moe_intermediate_size": 256,
+        "intermediate_size": 512,
+    }
     path = ds.make_tiny_checkpoint(tmp_path / "base", mtp=False, overrides=aligned)
     merged = trained_fp8_lora(path, sigma=0.05).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
@@ -218,6 +234,7 @@ def assert_official_fp8(path, config):
     assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
 
 
+@pytest.mark.slow  # a training run
 def test_plain_peft_script_on_an_fp8_checkpoint(tiny_fp8, tmp_path):
     """A user's unchanged LoRA script: their own LoraConfig, get_peft_model, train, save, plain
     PeftModel.from_pretrained, merge_and_unload -> official FP8 layout. No plugin call anywhere."""
@@ -257,6 +274,7 @@ def test_dispatch_covers_every_fp8_model_in_the_process(tmp_path):
         assert kinds == ({FP8LoraLinear} if fp8_expected else {peft.tuners.lora.Linear})
 
 
+@pytest.mark.slow  # TRL: a 40-step training run
 def test_trl_sft_trainer_with_plain_lora_config(tiny_fp8, tmp_path):
     """TRL's SFTTrainer with a plain LoraConfig on the FP8 tiny checkpoint: loss falls by more than half,
     routed experts carry adapters, the adapter reloads, merges, and saves in the official FP8 layout."""
@@ -265,16 +283,29 @@ def test_trl_sft_trainer_with_plain_lora_config(tiny_fp8, tmp_path):
     tok = ds.load_tokenizer(tiny_fp8)
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in [("What is two plus two?", "Two plus two is four."),
-                     ("What does the cache keep?", "A small latent vector per token.")]
+        for q, a in [
+            ("What is two plus two?", "Two plus two is four."),
+            ("What does the cache keep?", "A small latent vector per token."),
+        ]
     ] * 8
     model = load(tiny_fp8)
-    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=40, per_device_train_batch_size=8,
-                         learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
-                         report_to=[], use_cpu=True, max_length=64, bf16=False)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=64,
+        bf16=False,
+    )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=FP8_TARGETS, task_type="CAUSAL_LM")
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, peft_config=lora)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora
+    )
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < 0.5 * losses[0], losses

@@ -75,7 +75,10 @@ def test_plan_for_the_real_671b_model(v3_meta, budget, strategy):
         assert set(per_gpu) == set(range(8)) and max(per_gpu.values()) - min(per_gpu.values()) < 100
     if strategy == "cpu-experts":  # routed experts in CPU RAM, overflow (only) to disk
         assert {dev for unit, dev in device_map.items() if EXPERT.search(unit)} <= {"cpu", "disk"}
-        assert not any(dev in ("cpu", "disk") for unit, dev in device_map.items() if not EXPERT.search(unit)) or budget == "cpu+disk"
+        assert (
+            not any(dev in ("cpu", "disk") for unit, dev in device_map.items() if not EXPERT.search(unit))
+            or budget == "cpu+disk"
+        )
 
 
 def test_report_says_when_it_does_not_fit(capsys):
@@ -117,7 +120,9 @@ def test_half_the_experts_on_disk_fp8_kept(tiny_fp8, tmp_path):
     assert expert.up_proj.weight.device.type == "meta"  # offloaded: materialized only inside its forward
     hook = expert.up_proj._hf_hook
     assert hook.offload and hook.weights_map["weight"].dtype == torch.float8_e4m3fn
-    assert hook.weights_map.dataset.index["model.layers.1.mlp.experts.0.up_proj.weight"]["safetensors_file"].startswith(str(tiny_fp8))
+    assert hook.weights_map.dataset.index["model.layers.1.mlp.experts.0.up_proj.weight"]["safetensors_file"].startswith(
+        str(tiny_fp8)
+    )
     assert model.model.layers[1].mlp.experts[1].up_proj.weight.dtype == torch.float8_e4m3fn
     ids = input_ids(2, 10)
     with torch.no_grad():

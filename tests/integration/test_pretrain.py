@@ -17,33 +17,46 @@ from modeling_deepseekv3.training.data import DataError
 from modeling_deepseekv3.training.pretrain import PretrainArgs, PretrainError, pretrain
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "train").mkdir()
-    corpus(root / "train" / "a.txt", 600, 0)
-    corpus(root / "train" / "b.txt", 600, 1)
-    corpus(root / "eval.txt", 150, 2)
-    return root
-
-
 def run(texts, out, **kw) -> tuple[dict, list[dict]]:
-    args = dict(model_config="tiny", data=[str(texts / "train")], eval_data=[str(texts / "eval.txt")],
-                vocab_size=512, output=str(out), seq_len=32, global_batch_size=8, micro_batch_size=4, steps=24,
-                lr=3e-3, warmup_steps=4, eval_every=12, log_json=str(out / "log.jsonl"), progress=False,
-                export=False)
+    args = dict(
+        model_config="tiny",
+        data=[str(texts / "train")],
+        eval_data=[str(texts / "eval.txt")],
+        vocab_size=512,
+        output=str(out),
+        seq_len=32,
+        global_batch_size=8,
+        micro_batch_size=4,
+        steps=24,
+        lr=3e-3,
+        warmup_steps=4,
+        eval_every=12,
+        log_json=str(out / "log.jsonl"),
+        progress=False,
+        export=False,
+    )
     args.update(kw)
     summary = pretrain(PretrainArgs(**args))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return summary, log
 
 
+@pytest.mark.slow  # pretraining runs
 def test_learns_logs_every_field_and_is_deterministic(texts, tmp_path):
     _, log = run(texts, tmp_path / "a")
     first, last = log[0], log[-1]
     assert last["lm_loss"] < 0.75 * first["lm_loss"], (first["lm_loss"], last["lm_loss"])
-    for key in ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "tokens", "tokens_per_s",
-                "expert_load_imbalance"):
+    for key in (
+        "step",
+        "loss",
+        "lm_loss",
+        "mtp_loss",
+        "balance_loss",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "expert_load_imbalance",
+    ):
         assert key in first, key
     assert [r["step"] for r in log] == list(range(1, 25)) and last["tokens"] == 24 * 8 * 32
     evals = [r for r in log if "eval_loss" in r]
@@ -53,6 +66,7 @@ def test_learns_logs_every_field_and_is_deterministic(texts, tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in log]  # same command, same seed, same losses
 
 
+@pytest.mark.slow  # pretraining runs
 @pytest.mark.parametrize("save_every,killed_at", [(8, 13), (12, 15)])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(texts, tmp_path, monkeypatch, save_every, killed_at):
     """Killed between two checkpoints; (12, 15) resumes from a step that also evaluated (step 12), so the
@@ -135,7 +149,7 @@ def test_exports_reload_in_the_official_layout(texts, tmp_path):
         ref.load_state_dict({k: v for k, v in trained.items()}, strict=False)
         ref = ref.to(torch.bfloat16).eval()
         for module in ref.modules():  # the official layout stores the (fp32-computed) router weight in BF16
-            if isinstance(module, ds.moe.TopkRouter):
+            if isinstance(module, ds.core.moe.TopkRouter):
                 module.weight.copy_(module.weight.bfloat16().float())
         a, b, c = ref(ids).logits.float(), bf16(ids).logits.float(), fp8(ids).logits.float()
         native = transformers.DeepseekV3ForCausalLM.from_pretrained(out / "bf16", dtype=torch.bfloat16)(ids).logits
@@ -146,9 +160,27 @@ def test_exports_reload_in_the_official_layout(texts, tmp_path):
 
 
 def test_cli_pretrain(texts, tmp_path, capsys):
-    rc = cli(["pretrain", "--model-config", "tiny", "--data", str(texts / "train"), "--vocab-size", "512",
-              "--output", str(tmp_path / "cli"), "--seq-len", "32", "--global-batch-size", "4", "--steps", "3",
-              "--quiet", "--no-export"])
+    rc = cli(
+        [
+            "pretrain",
+            "--model-config",
+            "tiny",
+            "--data",
+            str(texts / "train"),
+            "--vocab-size",
+            "512",
+            "--output",
+            str(tmp_path / "cli"),
+            "--seq-len",
+            "32",
+            "--global-batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--quiet",
+            "--no-export",
+        ]
+    )
     assert rc == 0 and "trained 3 steps" in capsys.readouterr().out
 
 

@@ -36,13 +36,32 @@ def has_amx() -> bool:
     return "amx_tile" in flags
 
 
-def vllm_greedy(model_dir: Path, prompts: list[list[int]], tmp_path: Path, mtp: int = 0, dtype="bfloat16") -> list[list[int]]:
+def vllm_greedy(
+    model_dir: Path, prompts: list[list[int]], tmp_path: Path, mtp: int = 0, dtype="bfloat16"
+) -> list[list[int]]:
     spec = tmp_path / "prompts.json"
     spec.write_text(json.dumps(prompts))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "scripts" / "vllm_greedy.py"), str(model_dir), "--prompts",
-                           str(spec), "--max-new-tokens", str(NEW), "--mtp", str(mtp), "--dtype", dtype],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            str(ROOT / "scripts" / "vllm_greedy.py"),
+            str(model_dir),
+            "--prompts",
+            str(spec),
+            "--max-new-tokens",
+            str(NEW),
+            "--mtp",
+            str(mtp),
+            "--dtype",
+            dtype,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["tokens"]
 
@@ -52,7 +71,7 @@ def ours_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     out = []
     for p in prompts:  # one by one: no padding on either side
         ids = torch.tensor([p])
-        out.append(model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):].tolist())
+        out.append(model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p) :].tolist())
     return out
 
 

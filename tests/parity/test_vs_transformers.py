@@ -26,7 +26,7 @@ def test_logits_and_routing_match_transformers_native(fixture, request, tmp_path
     native = native_from(ours, tmp_path)
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    ours_routes = record_routing(ours, ds.moe.TopkRouter, lambda o: o[0])
+    ours_routes = record_routing(ours, ds.core.moe.TopkRouter, lambda o: o[0])
     native_routes = record_routing(native, DeepseekV3TopkRouter, lambda o: o[2])
     ids = input_ids(batch=2, seq=24)
     with torch.no_grad():

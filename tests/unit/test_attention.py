@@ -5,24 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import modeling_deepseekv3 as ds
-from helpers import input_ids, load
-from modeling_deepseekv3.core.attention import LatentAbsorbingProjection, MLAttention, absorb_is_cheaper
+from helpers import attention_layer, input_ids, load
+from modeling_deepseekv3.core.attention import LatentAbsorbingProjection, absorb_is_cheaper
 from modeling_deepseekv3.core.cache import LatentCache
-from modeling_deepseekv3.checkpoint import TINY_CONFIG
-from modeling_deepseekv3.core.rope import RotaryEmbedding
 
 PATHS = ["expand", "absorb", "auto"]
-
-
-def attention_layer(**overrides) -> tuple[MLAttention, RotaryEmbedding]:
-    cfg = ds.DeepseekV3Config(**{**TINY_CONFIG, **overrides})
-    layer = MLAttention(cfg, layer_idx=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "layernorm" in name else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return layer.eval(), RotaryEmbedding(cfg)
 
 
 @pytest.mark.parametrize("q_lora_rank", [96, None], ids=["q_lora", "direct_q"])

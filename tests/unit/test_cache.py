@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modeling_deepseekv3 as ds
-from helpers import ROOT, input_ids, load
+from helpers import ROOT, attention_layer, input_ids, load
 from modeling_deepseekv3.core.cache import LatentCache, StaticLatentCache
 
 HUB = ROOT / "hub_config"
@@ -18,21 +18,28 @@ def v3_config(**kw):
     return ds.DeepseekV3Config.from_dict({**json.loads((HUB / "deepseek-v3" / "config.json").read_text()), **kw})
 
 
-@pytest.mark.parametrize("fmt,dtype,expected", [("auto", torch.bfloat16, 1152), ("auto", torch.float32, 2304),
-                                                ("fp8", torch.bfloat16, 656), ("fp8_plain", torch.bfloat16, 576)])
+@pytest.mark.parametrize(
+    "fmt,dtype,expected",
+    [
+        ("dtype", torch.bfloat16, 1152),
+        ("auto", torch.float32, 2304),
+        ("fp8", torch.bfloat16, 656),
+        ("fp8_plain", torch.bfloat16, 576),
+    ],
+)
 def test_bytes_per_token_per_layer_v3(fmt, dtype, expected):
     cache = LatentCache(config=v3_config(latent_cache_format=fmt))
     assert cache.bytes_per_token_per_layer(dtype) == expected
 
 
-@pytest.mark.parametrize("fmt", ["auto", "fp8", "fp8_plain"])
+@pytest.mark.parametrize("fmt", ["dtype", "fp8", "fp8_plain"])
 def test_stored_bytes_match_the_formula(tiny_fp8, fmt):
     model = load(tiny_fp8, latent_cache_format=fmt, dtype=torch.bfloat16)
     with torch.no_grad():
         cache = model(input_ids(2, 10), use_cache=True).cache
     per_token = cache.bytes_per_token_per_layer()
     assert cache.nbytes() == per_token * 2 * 10 * model.config.num_hidden_layers
-    assert per_token == {"auto": 352, "fp8": 160 + 2 * 4 + 16 * 2, "fp8_plain": 176}[fmt]
+    assert per_token == {"dtype": 352, "fp8": 160 + 2 * 4 + 16 * 2, "fp8_plain": 176}[fmt]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,11 @@ def test_generate_injects_the_latent_cache(model, reference):
 @pytest.mark.parametrize("mode", ["static", "assisted", "prompt_lookup"])
 def test_generate_modes_equal_no_cache_greedy(model, reference, mode):
     ids, ref = reference
-    kwargs = {"static": {"cache_implementation": "static"}, "assisted": {"assistant_model": model},
-              "prompt_lookup": {"prompt_lookup_num_tokens": 3}}[mode]
+    kwargs = {
+        "static": {"cache_implementation": "static"},
+        "assisted": {"assistant_model": model},
+        "prompt_lookup": {"prompt_lookup_num_tokens": 3},
+    }[mode]
     out = model.generate(ids, max_new_tokens=16, do_sample=False, **kwargs)
     assert torch.equal(out, ref)
 
@@ -83,7 +93,9 @@ def test_static_cache_left_padded(model):
     mask = torch.ones_like(batch)
     mask[1, :4] = 0
     dynamic = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    static = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    static = model.generate(
+        batch, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static"
+    )
     assert torch.equal(dynamic, static)
 
 
@@ -124,8 +136,6 @@ def test_static_cache_compiles_and_matches(model):
 def test_fp8_latent_cache_accuracy_one_layer(fmt, bound):
     """The error the storage format alone adds to one attention layer's decode output (e4m3 keeps ~4
     significant bits: a few percent). Measured figures: benchmarks/latent_cache_accuracy.py."""
-    from test_attention import attention_layer
-
     layer, rotary = attention_layer()
     x = torch.randn(2, 65, layer.config.hidden_size)
     pe = rotary(torch.arange(65)[None].expand(2, 65))

@@ -22,7 +22,12 @@ def official(name: str) -> dict:
 @pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1", "deepseek-v3-0324"])
 def test_deepseek_v3_family_configs(name):
     cfg = ds.DeepseekV3Config.from_dict(official(name))
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_nextn_predict_layers) == (129280, 7168, 61, 1)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_nextn_predict_layers) == (
+        129280,
+        7168,
+        61,
+        1,
+    )
     assert (cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (256, 8, 4, 8)
     assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim) == (1536, 512, 128, 64)
     assert cfg.qk_head_dim == 192 and cfg.head_dim == 64
@@ -123,11 +128,29 @@ BAD = [
     ({"routed_scaling_factor": 0}, "routed_scaling_factor"),
     ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
     ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 128}}, "rope_scaling.factor"),
-    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 0}}, "original_max_position_embeddings"),
-    ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}}, "quantization_config.fmt"),
+    (
+        {"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 0}},
+        "original_max_position_embeddings",
+    ),
+    (
+        {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}},
+        "quantization_config.fmt",
+    ),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}, "weight_block_size"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}}, "activation_scheme"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "e8m0"}}, "scale_fmt"),
+    (
+        {
+            "quantization_config": {
+                "quant_method": "fp8",
+                "weight_block_size": [128, 128],
+                "activation_scheme": "static",
+            }
+        },
+        "activation_scheme",
+    ),
+    (
+        {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "e8m0"}},
+        "scale_fmt",
+    ),
 ]
 
 
@@ -141,3 +164,114 @@ def test_bad_config_json_fails_from_pretrained(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "deepseek_v3", "topk_group": 7}))
     with pytest.raises(ValueError, match="topk_group"):
         ds.DeepseekV3Config.from_pretrained(tmp_path)
+
+
+# Every float the config holds: its own fields (found from the class annotations, so a new float field is covered
+# the day it is added) and the rope parameters. NaN or infinity in any of them ran and gave NaN logits.
+FLOAT_FIELDS = sorted(name for name, kind in ds.DeepseekV3Config.__annotations__.items() if "float" in str(kind))
+YARN_FLOATS = ["factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow", "attention_factor"]
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+def test_float_fields_are_the_expected_ones():
+    assert {
+        "routed_scaling_factor",
+        "rms_norm_eps",
+        "attention_dropout",
+        "aux_loss_alpha",
+        "initializer_range",
+        "balance_loss_alpha",
+        "routing_bias_update_rate",
+        "mtp_loss_weight",
+    } <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_non_finite_float_field_is_refused(field, value):
+    with pytest.raises(ValueError, match=f"config field `{field}`"):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, field: value})
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", YARN_FLOATS)
+@pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
+def test_non_finite_yarn_parameter_is_refused(spelling, key, value):
+    rope = {**TINY_CONFIG["rope_scaling"], key: value}
+    base = {k: v for k, v in TINY_CONFIG.items() if k != "rope_scaling"}
+    if spelling == "rope_parameters":  # transformers v5's name: the type key is rope_type, theta inside
+        rope = {**rope, "rope_type": rope.pop("type"), "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=rf"config field `rope_scaling\.{key}`"):
+        ds.DeepseekV3Config(**base, **{spelling: rope})
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+def test_non_finite_rope_theta_and_linear_factor_are_refused(value):
+    with pytest.raises(ValueError, match="config field `rope_theta`"):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, "rope_theta": value})
+    with pytest.raises(ValueError, match=r"config field `rope_scaling\.factor`"):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, "rope_scaling": {"type": "linear", "factor": value}})
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"routed_scaling_factor": -2.5}, "routed_scaling_factor"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
+        ({"balance_loss_alpha": -1e-4}, "balance_loss_alpha"),
+        ({"mtp_loss_weight": -0.1}, "mtp_loss_weight"),
+        ({"routing_bias_update_rate": True}, "routing_bias_update_rate"),  # a bool is not a rate
+        ({"rope_scaling": {**TINY_CONFIG["rope_scaling"], "mscale_all_dim": -1.0}}, r"rope_scaling\.mscale_all_dim"),
+        ({"rope_scaling": {**TINY_CONFIG["rope_scaling"], "beta_fast": "32"}}, r"rope_scaling\.beta_fast"),
+    ],
+)
+def test_float_out_of_range_is_refused(change, field):
+    with pytest.raises(ValueError, match=field):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, **change})
+
+
+def test_absent_optional_yarn_keys_are_fine():
+    rope = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 128}
+    cfg = ds.DeepseekV3Config(**{**TINY_CONFIG, "rope_scaling": rope})
+    assert cfg.yarn_parameters["factor"] == 4
+
+
+@pytest.mark.parametrize("value", ["yarn", ["yarn", 40], 40, ""], ids=["string", "list", "number", "empty-string"])
+@pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
+def test_rope_scaling_of_the_wrong_type_names_the_field(spelling, value):
+    with pytest.raises(
+        ValueError, match=rf"config field `{spelling}` must be a JSON object.*got a {type(value).__name__}"
+    ):
+        ds.DeepseekV3Config(**{**TINY_CONFIG, spelling: value})
+
+
+def test_config_json_with_nan_is_refused_from_the_file(tmp_path):
+    raw = {
+        **TINY_CONFIG,
+        "model_type": "deepseek_v3",
+        "rope_scaling": {**TINY_CONFIG["rope_scaling"], "mscale": float("nan")},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(raw))  # json writes the NaN literal, and reads it back
+    with pytest.raises(ValueError, match=r"rope_scaling\.mscale.*nan"):
+        ds.DeepseekV3Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change", [{"num_hidden_layers": 10**7}, {"n_routed_experts": 2**20, "n_group": 1, "topk_group": 1}]
+)
+def test_config_beyond_any_machine_is_refused(change):
+    """With DeepSeek-V3's widths, ten million layers or a million experts per layer is past 2**50 parameters."""
+    with pytest.raises(ValueError, match="more than any machine could build"):
+        ds.DeepseekV3Config(**change)
+
+
+def test_published_sizes_are_far_below_the_bound():
+    from modeling_deepseekv3.core.configuration import MAX_PARAMETERS, estimated_parameters
+
+    for name in ("deepseek-v3", "kimi-k2", "moonlight"):
+        count = estimated_parameters(ds.DeepseekV3Config.from_dict(official(name)))
+        assert 1e10 < count < MAX_PARAMETERS / 100
+    assert estimated_parameters(ds.DeepseekV3Config.from_dict(official("deepseek-v3"))) == pytest.approx(
+        671e9, rel=0.03
+    )

@@ -25,7 +25,13 @@ def naive_dequant(q, s, block):
 
 @pytest.mark.parametrize(
     "shape,block",
-    [((576, 256), (128, 128)), ((192, 160), (128, 128)), ((256, 256), (128, 128)), ((40, 64), (16, 16)), ((7, 5), (4, 2))],
+    [
+        ((576, 256), (128, 128)),
+        ((192, 160), (128, 128)),
+        ((256, 256), (128, 128)),
+        ((40, 64), (16, 16)),
+        ((7, 5), (4, 2)),
+    ],
     ids=["kv_a_576_rows", "192x160", "aligned", "b16", "odd"],
 )
 def test_dequant_matches_spec_formula_with_partial_blocks(shape, block):
@@ -81,7 +87,7 @@ def test_fast_cpu_path_equals_the_reference(shape, rows):
     more; the torch path where it cannot be built) against the ``"dequant"`` reference, in fp32 (tight)
     and bf16 (the fast path accumulates in fp32, the reference rounds the dequantized weight to BF16 first).
     The kernel's own exactness tests are in test_fp8_kernel.py."""
-    import modeling_deepseekv3.fp8.kernels as fp8
+    from modeling_deepseekv3.fp8.reference import fp8_matmul_reference
 
     fast = FP8Linear(shape[1], shape[0])
     fast.set_dense_weight(torch.randn(shape))
@@ -92,7 +98,7 @@ def test_fast_cpu_path_equals_the_reference(shape, rows):
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
         a, b = fast(x.bfloat16()).float(), ref(x.bfloat16()).float()
         assert ((a - b).norm() / b.norm()) < 1e-2
-    expected = fp8.fp8_matmul_reference(x[0], fast.weight, fast.weight_scale_inv, fast.block_size)
+    expected = fp8_matmul_reference(x[0], fast.weight, fast.weight_scale_inv, fast.block_size)
     torch.testing.assert_close(expected, ref(x[0]), rtol=1e-4, atol=1e-4)
 
 
@@ -111,8 +117,12 @@ def test_dtype_casts_keep_fp8(cast):
     layer.set_dense_weight(torch.randn(64, 64))
     before = layer.weight.detach().clone()
     scales = layer.weight_scale_inv.detach().clone()
-    {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(), "float": lambda m: m.float(),
-     "to_float64": lambda m: m.to(dtype=torch.float64)}[cast](layer)
+    {
+        "to_bf16": lambda m: m.to(torch.bfloat16),
+        "half": lambda m: m.half(),
+        "float": lambda m: m.float(),
+        "to_float64": lambda m: m.to(dtype=torch.float64),
+    }[cast](layer)
     assert layer.weight.dtype == FP8_DTYPE and layer.weight_scale_inv.dtype == torch.float32
     assert torch.equal(layer.weight.view(torch.uint8), before.view(torch.uint8))
     assert torch.equal(layer.weight_scale_inv, scales)
@@ -140,3 +150,155 @@ def test_set_dense_weight_rejects_wrong_shape():
 def test_dequantize_rejects_wrong_scale_shape():
     with pytest.raises(ValueError, match=r"needs \(5, 2\)"):
         ds.block_dequantize(torch.zeros(576, 256).to(FP8_DTYPE), torch.ones(4, 2))
+
+
+# ------------------------------------------------------------------------------------------- backend choice
+def _fp8_parts():
+    """An FP8 kv_b_proj, a plain FP8 linear and FP8 routed experts with set weights, named as in a model."""
+    from torch import nn
+
+    from modeling_deepseekv3.checkpoint import FP8_QUANTIZATION_CONFIG, TINY_CONFIG
+    from modeling_deepseekv3.core.attention import KVBFP8Linear
+    from modeling_deepseekv3.core.moe.experts import RoutedExperts
+
+    config = ds.DeepseekV3Config(**TINY_CONFIG, quantization_config=FP8_QUANTIZATION_CONFIG)
+    experts = RoutedExperts(config)
+    for expert in experts:
+        for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
+            proj.set_dense_weight(torch.randn(proj.out_features, proj.in_features) / 16)
+    kv_b = KVBFP8Linear(160, 4 * 64)
+    kv_b.configure_heads(4, 32, 32)
+    kv_b.set_dense_weight(torch.randn(256, 160))
+    o_proj = FP8Linear(160, 176)
+    o_proj.set_dense_weight(torch.randn(176, 160))
+    layer = nn.ModuleDict({"experts": experts, "kv_b_proj": kv_b, "o_proj": o_proj})
+    return nn.ModuleDict({"layers": nn.ModuleList([layer])}), experts, kv_b, o_proj
+
+
+def test_every_fp8_caller_follows_the_one_dispatch_function(monkeypatch):
+    """The plain linear, the absorbed kv_b heads and its dense copy, the grouped experts and the fp8_backends
+    report all do what ``dispatch.choose_backend`` answers, even answers no device policy would give on a CPU."""
+    from modeling_deepseekv3.fp8 import cpu, dispatch, fp8_backends, scaled_mm, w8a16
+    from modeling_deepseekv3.fp8.reference import fp8_head_matmul_reference, fp8_matmul_reference
+
+    model, experts, kv_b, o_proj = _fp8_parts()
+    forced: dict[str, str] = {}
+    asked: list[str] = []
+    real = dispatch.choose_backend
+
+    def choose(mode, weight, scale_inv, block_size, x=None, *, kind="linear", module=None):
+        asked.append(kind)
+        return forced.get(kind) or real(mode, weight, scale_inv, block_size, x, kind=kind, module=module)
+
+    ran: list[str] = []
+
+    def spy(name, fn):
+        return lambda *a, **k: ran.append(name) or fn(*a, **k)
+
+    def grouped_ref(x, w_ENK, s_E, counts_E, block):
+        parts, start = [], 0
+        for e, c in enumerate(counts_E.tolist()):
+            parts.append(fp8_matmul_reference(x[start : start + c], w_ENK[e], s_E[e], block))
+            start += c
+        return torch.cat(parts)
+
+    monkeypatch.setattr(dispatch, "choose_backend", choose)
+    monkeypatch.setattr(cpu, "native_linear", spy("native", lambda x, w, s, b: fp8_matmul_reference(x, w, s, b)))
+    monkeypatch.setattr(cpu, "native_head_matmul", spy("heads", fp8_head_matmul_reference))
+    zeros = spy("scaled_mm", lambda x, w, s, fmt: x.new_zeros(len(x), len(w)))  # scaled_mm quantizes x: inexact
+    monkeypatch.setattr(scaled_mm, "scaled_mm_linear", zeros)
+    monkeypatch.setattr(w8a16, "w8a16_matmul", spy("w8a16", lambda x, w, s, b: fp8_matmul_reference(x, w, s, b)))
+    monkeypatch.setattr(w8a16, "w8a16_grouped_matmul", spy("grouped", grouped_ref))
+
+    x = torch.randn(3, 160)
+    reference = F.linear(x, block_dequantize(o_proj.weight, o_proj.weight_scale_inv))
+    with torch.no_grad():
+        for answer in ("native", "scaled_mm", "w8a16", "dequant"):  # scaled_mm / w8a16 would raise on CPU unforced
+            forced["linear"], ran[:] = answer, []
+            out = o_proj(x)
+            assert ran == ([] if answer == "dequant" else [answer])
+            if answer != "scaled_mm":
+                torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+        forced.clear()
+
+        def attend(q_latent):
+            return q_latent * 0.5
+
+        q_nope = torch.randn(1, 4, 2, 32)
+        forced.update(heads="native", dense="dense")  # the heads kernel, though "dequant" is asked for
+        kv_b.compute, ran[:] = "dequant", []
+        expected = kv_b(q_nope, latent_attention=attend)
+        assert ran == ["heads", "heads"]
+        forced["heads"], ran[:] = "dense", []
+        torch.testing.assert_close(kv_b(q_nope, latent_attention=attend), expected, rtol=1e-4, atol=1e-4)
+        assert ran == [] and "_dense_cache" in kv_b.__dict__  # kept, though "dequant" keeps nothing unforced
+        del kv_b.__dict__["_dense_cache"]
+        forced["dense"] = "dequant"
+        kv_b.compute = "auto"
+        kv_b(q_nope, latent_attention=attend)
+        assert "_dense_cache" not in kv_b.__dict__
+        forced.clear()
+
+        counts_E = torch.tensor([3, 0, 5, 1, 0, 0, 9, 0, 0, 2, 0, 0, 0, 1, 0, 4])
+        x_AD = torch.randn(int(counts_E.sum()), 256)
+        by_modules = experts(x_AD, counts_E)
+        assert experts.fp8_grouped_backend() is None and experts._fp8_stack is None  # CPU: the modules path
+        forced["grouped"], ran[:] = "w8a16_grouped", []
+        torch.testing.assert_close(experts(x_AD, counts_E), by_modules, rtol=1e-4, atol=1e-4)
+        assert ran == ["grouped"] * 3 and experts._fp8_stack is not None
+
+    forced.update(linear="scaled_mm", grouped="w8a16_grouped")
+    kinds = fp8_backends(model)
+    assert kinds == {
+        **{f"layers.*.experts.*.{p}": "w8a16_grouped" for p in ("gate_proj", "up_proj", "down_proj")},
+        "layers.*.kv_b_proj": "scaled_mm",
+        "layers.*.o_proj": "scaled_mm",
+    }
+    del forced["grouped"]
+    assert set(fp8_backends(model).values()) == {"scaled_mm"}
+    assert {"linear", "heads", "dense", "grouped"} <= set(asked)
+
+
+def test_choose_backend_answers_on_cpu():
+    """The per-call conditions, the device policy and the per-weight checks of the one function, unpatched."""
+    from types import SimpleNamespace
+
+    from modeling_deepseekv3.fp8 import FP8BackendError, choose_backend, native
+
+    _, _, kv_b, o_proj = _fp8_parts()
+    args = (o_proj.weight, o_proj.weight_scale_inv, o_proj.block_size)
+    kernel = "native" if native.available() else "dequant"
+    with torch.no_grad():
+        assert choose_backend("auto", *args) == kernel
+        assert choose_backend("auto", *args, torch.randn(2, 160)) == kernel
+        assert choose_backend("auto", *args, torch.randn(2, 160).half()) == "dequant"  # the kernel takes fp32/bf16
+        assert choose_backend("auto", *args, torch.randn(0, 160)) == "dequant"
+        assert choose_backend("dequant", *args, torch.randn(2, 160)) == "dequant"
+        with pytest.raises(FP8BackendError, match="device cpu"):
+            choose_backend("w8a16", *args, torch.randn(2, 160))
+        assert choose_backend("auto", *args, torch.randn(2, 160), kind="grouped") == "modules"
+        assert choose_backend("auto", *args, kind="dense", module=kv_b) == "dense"
+        assert choose_backend("dequant", *args, kind="dense", module=kv_b) == "dequant"
+        kv_b._hf_hook = SimpleNamespace(offload=True)  # Accelerate lends the weights for the call only
+        assert choose_backend("auto", *args, torch.randn(2, 160), kind="heads", module=kv_b) == "dequant"
+        del kv_b._hf_hook
+        heads = "native" if native.available() else "dense"  # without the kernels: the kept dense copy
+        assert choose_backend("auto", *args, torch.randn(2, 160), kind="heads", module=kv_b) == heads
+    x = torch.randn(2, 160, requires_grad=True)
+    assert choose_backend("w8a16", *args, x) == "autograd"  # training never reaches a kernel, so nothing raises
+    assert choose_backend("auto", *args, kind="dense", module=kv_b) == "dequant"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        choose_backend("auto", *args, kind="conv")
+
+
+def test_set_fp8_compute_checks_every_device_before_switching():
+    from modeling_deepseekv3.fp8 import FP8BackendError, fp8_backends, set_fp8_compute
+
+    model, *_ = _fp8_parts()
+    with pytest.raises(FP8BackendError, match="device cpu"):
+        set_fp8_compute(model, "scaled_mm")
+    assert {m.compute for m in model.modules() if isinstance(m, FP8Linear)} == {"auto"}  # nothing changed
+    with pytest.raises(ValueError, match="fp8_compute must be one of"):
+        set_fp8_compute(model, "fast")
+    assert set_fp8_compute(model, "dequant") is model
+    assert set(fp8_backends(model).values()) == {"dequant"}

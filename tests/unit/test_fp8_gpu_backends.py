@@ -1,6 +1,7 @@
-"""FP8 GPU backends (fp8/gpu.py) through their twins: the W8A16 Triton kernel under Triton's interpreter on CPU
-tensors, the scaled_mm scale layouts through a pure-torch emulation and torch's own meta-device checks, the
-backend choice with a simulated CUDA device. The GPU-marked tests at the end run each backend for real."""
+"""FP8 GPU backends (fp8/w8a16.py, fp8/scaled_mm.py) and the device policy of fp8/dispatch.py through their
+twins: the W8A16 Triton kernel under Triton's interpreter on CPU tensors, the scaled_mm scale layouts through a
+pure-torch emulation and torch's own meta-device checks, the backend choice with a simulated CUDA device. The
+GPU-marked tests at the end run each backend for real."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import torch.nn.functional as F
 import modeling_deepseekv3 as ds
 from helpers import input_ids, load
 from modeling_deepseekv3.checkpoint import TINY_CONFIG
-from modeling_deepseekv3.fp8 import FP8Linear, block_dequantize, block_quantize, gpu
-from modeling_deepseekv3.fp8.gpu import FP8BackendError, resolve_backend
-from modeling_deepseekv3.fp8.kernels import fp8_matmul_reference
+from modeling_deepseekv3.fp8 import FP8Linear, block_dequantize, block_quantize, dispatch, scaled_mm, w8a16
+from modeling_deepseekv3.fp8.dispatch import FP8BackendError, device_backend
+from modeling_deepseekv3.fp8.reference import fp8_matmul_reference
 from modeling_deepseekv3.fp8.training import _gemm_emulated
 
-needs_triton = pytest.mark.skipif(not gpu.triton_available(), reason="triton is not installed (pip install triton)")
+needs_triton = pytest.mark.skipif(not w8a16.triton_available(), reason="triton is not installed (pip install triton)")
 BLOCK = (128, 128)
 
 
@@ -33,7 +34,7 @@ def fp8_weight(n: int, k: int, seed: int = 0):
 @needs_triton
 def test_every_e4m3_byte_decodes_like_torch():
     codes = torch.arange(256, dtype=torch.uint8)
-    ours = gpu.decode_e4m3_bits(codes)
+    ours = w8a16.decode_e4m3_bits(codes)
     ref = codes.view(torch.float8_e4m3fn).float()
     nan = ref.isnan()
     assert nan.sum() == 2 and torch.equal(ours.isnan(), nan)  # 0x7F, 0xFF
@@ -49,9 +50,9 @@ def test_w8a16_kernel_equals_the_dequant_reference(rows, n, k):
     q, s = fp8_weight(n, k, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     ref32 = fp8_matmul_reference(x, q, s, BLOCK)
-    assert rel(gpu.w8a16_matmul(x, q, s, BLOCK), ref32) < 1e-6
+    assert rel(w8a16.w8a16_matmul(x, q, s, BLOCK), ref32) < 1e-6
     xb = x.bfloat16()
-    out = gpu.w8a16_matmul(xb, q, s, BLOCK)
+    out = w8a16.w8a16_matmul(xb, q, s, BLOCK)
     ref = fp8_matmul_reference(xb.float(), q, s, BLOCK)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
     assert rel(out, ref.bfloat16()) <= 1e-3
@@ -67,7 +68,7 @@ def test_w8a16_grouped_kernel_equals_per_expert_reference():
     for counts in ([3, 0, 40, 1, 0, 17], [0, 0, 0, 0, 1, 0], [1] * 6):
         counts_E = torch.tensor(counts)
         x = torch.randn(int(counts_E.sum()), k, generator=torch.Generator().manual_seed(2)).bfloat16()
-        out = gpu.w8a16_grouped_matmul(x, w_ENK, s_E, counts_E, BLOCK)
+        out = w8a16.w8a16_grouped_matmul(x, w_ENK, s_E, counts_E, BLOCK)
         parts, start = [], 0
         for e, c in enumerate(counts):
             parts.append(fp8_matmul_reference(x[start : start + c].float(), *weights[e], BLOCK))
@@ -80,7 +81,7 @@ def test_group_tiles_cover_each_experts_rows_once():
     counts = torch.tensor([3, 0, 40, 1, 0, 17])
     bm = 16
     max_tiles = -(-61 // bm) + 6
-    e, row0, row1 = gpu.group_tiles(counts, bm, max_tiles)
+    e, row0, row1 = w8a16.group_tiles(counts, bm, max_tiles)
     covered = torch.zeros(61, dtype=torch.int64)
     ends = counts.cumsum(0)
     for t in range(max_tiles):
@@ -127,19 +128,19 @@ def test_scaled_mm_scale_layouts_reproduce_the_reference(m, n, k):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x_q, x_s = block_quantize(x, (1, 128))
     w_q, w_s = fp8_weight(n, k)
-    a_scale = gpu.prepare_scales(x_s, (1, 128))
+    a_scale = scaled_mm.prepare_scales(x_s, (1, 128))
     assert a_scale.shape == x_s.shape and a_scale.stride() == (1, m)
-    b_scale = gpu.prepare_scales(w_s, (128, 128))
+    b_scale = scaled_mm.prepare_scales(w_s, (128, 128))
     l4 = -(-w_s.shape[1] // 4) * 4
     assert b_scale.shape == (l4, w_s.shape[0]) and b_scale.stride() == (1, l4)
-    out = gpu.blockwise_scaled_mm_emulated(x_q, a_scale, w_q, b_scale, (128, 128), torch.float32)
+    out = scaled_mm.blockwise_scaled_mm_emulated(x_q, a_scale, w_q, b_scale, (128, 128), torch.float32)
     ref = _gemm_emulated(x_q, x_s, (1, 128), w_q, w_s, (128, 128), torch.float32)
     assert rel(out, ref) < 1e-6
     assert rel(out, fp8_matmul_reference(block_dequantize(x_q, x_s, (1, 128)), w_q, w_s, BLOCK)) < 1e-6
     b_q, b_s = block_quantize(torch.randn(n, k), (1, 128))
-    b_scale = gpu.prepare_scales(b_s, (1, 128))
+    b_scale = scaled_mm.prepare_scales(b_s, (1, 128))
     assert b_scale.shape == b_s.shape and b_scale.stride() == (1, n)
-    out = gpu.blockwise_scaled_mm_emulated(x_q, a_scale, b_q, b_scale, (1, 128), torch.float32)
+    out = scaled_mm.blockwise_scaled_mm_emulated(x_q, a_scale, b_q, b_scale, (1, 128), torch.float32)
     assert rel(out, _gemm_emulated(x_q, x_s, (1, 128), b_q, b_s, (1, 128), torch.float32)) < 1e-6
 
 
@@ -154,11 +155,11 @@ def test_scaled_mm_layouts_pass_torchs_own_checks(b_block):
     def meta(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
-    a_scale, b_scale = gpu.prepare_scales(x_s, (1, 128)), gpu.prepare_scales(w_s, b_block)
-    out = gpu.blockwise_scaled_mm(meta(x_q), meta(a_scale), meta(w_q), meta(b_scale), b_block, torch.bfloat16)
+    a_scale, b_scale = scaled_mm.prepare_scales(x_s, (1, 128)), scaled_mm.prepare_scales(w_s, b_block)
+    out = scaled_mm.blockwise_scaled_mm(meta(x_q), meta(a_scale), meta(w_q), meta(b_scale), b_block, torch.bfloat16)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     with pytest.raises(RuntimeError):  # and refuses the scales as the checkpoint / quantizer store them
-        gpu.blockwise_scaled_mm(meta(x_q), meta(a_scale), meta(w_q), meta(w_s), b_block, torch.bfloat16)
+        scaled_mm.blockwise_scaled_mm(meta(x_q), meta(a_scale), meta(w_q), meta(w_s), b_block, torch.bfloat16)
 
 
 def test_training_cuda_gemm_goes_through_the_shared_wrapper(monkeypatch):
@@ -166,7 +167,7 @@ def test_training_cuda_gemm_goes_through_the_shared_wrapper(monkeypatch):
     all three of the recipe's GEMM shapes equal the emulated backend."""
     from modeling_deepseekv3.fp8 import training
 
-    monkeypatch.setattr(gpu, "blockwise_scaled_mm", gpu.blockwise_scaled_mm_emulated)
+    monkeypatch.setattr(scaled_mm, "blockwise_scaled_mm", scaled_mm.blockwise_scaled_mm_emulated)
     x_q, x_s = block_quantize(torch.randn(40, 384), (1, 128))
     for b_block in ((128, 128), (1, 128)):
         b_q, b_s = block_quantize(torch.randn(256, 384), b_block)
@@ -176,50 +177,50 @@ def test_training_cuda_gemm_goes_through_the_shared_wrapper(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ backend choice
 def test_auto_on_cpu_is_the_native_kernel_and_gpu_backends_refuse_cpu():
-    assert resolve_backend("auto", "cpu") == "native"
-    assert resolve_backend("native", "cpu") == "native"
-    assert resolve_backend("dequant", "cpu") == "dequant"
+    assert device_backend("auto", "cpu") == "native"
+    assert device_backend("native", "cpu") == "native"
+    assert device_backend("dequant", "cpu") == "dequant"
     for backend in ("scaled_mm", "w8a16"):
         with pytest.raises(FP8BackendError, match=r"on device cpu.*fp8_compute='auto'"):
-            resolve_backend(backend, "cpu")
+            device_backend(backend, "cpu")
     with pytest.raises(ValueError, match="fp8_compute must be one of"):
-        resolve_backend("fast", "cpu")
+        device_backend("fast", "cpu")
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """A simulated CUDA device of a chosen capability (only the queries resolve_backend makes)."""
+    """A simulated CUDA device of a chosen capability (only the queries device_backend makes)."""
 
     def make(capability, triton=True, cuda_version="12.9"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
         monkeypatch.setattr(torch.version, "cuda", cuda_version)
         monkeypatch.setattr(torch.version, "hip", None)
-        monkeypatch.setattr(gpu, "_cuda_capability", lambda device: capability)
-        monkeypatch.setattr(gpu, "triton_available", lambda: triton)
-        gpu._resolve.cache_clear()
+        monkeypatch.setattr(scaled_mm, "cuda_capability", lambda device: capability)
+        monkeypatch.setattr(w8a16, "triton_available", lambda: triton)
+        dispatch._device_policy.cache_clear()
 
     yield make
-    gpu._resolve.cache_clear()
+    dispatch._device_policy.cache_clear()
 
 
 def test_auto_picks_by_capability(fake_cuda):
     fake_cuda((9, 0))
-    assert resolve_backend("auto", "cuda:0") == "scaled_mm"
+    assert device_backend("auto", "cuda:0") == "scaled_mm"
     fake_cuda((9, 0), cuda_version="12.4")  # torch refuses the block-scaled recipe below cuBLASLt 12.9
-    assert resolve_backend("auto", "cuda:0") == "w8a16"
+    assert device_backend("auto", "cuda:0") == "w8a16"
     fake_cuda((8, 9))  # Ada: FP8 tensor cores, but torch's 1x128/128x128 recipe is SM90-only
-    assert resolve_backend("auto", "cuda:0") == "w8a16"
+    assert device_backend("auto", "cuda:0") == "w8a16"
     fake_cuda((8, 0))
-    assert resolve_backend("auto", "cuda:0") == "w8a16"
+    assert device_backend("auto", "cuda:0") == "w8a16"
     with pytest.raises(FP8BackendError, match=r"Fake GPU, compute capability 8\.0.*'w8a16'"):
-        resolve_backend("scaled_mm", "cuda:0")
+        device_backend("scaled_mm", "cuda:0")
     with pytest.raises(FP8BackendError, match="CPU kernel"):
-        resolve_backend("native", "cuda:0")
+        device_backend("native", "cuda:0")
     fake_cuda((8, 0), triton=False)
-    assert resolve_backend("auto", "cuda:0") == "dequant"
+    assert device_backend("auto", "cuda:0") == "dequant"
     with pytest.raises(FP8BackendError, match="triton is not installed"):
-        resolve_backend("w8a16", "cuda:0")
+        device_backend("w8a16", "cuda:0")
 
 
 def test_model_reports_its_fp8_backend(tiny_fp8):
@@ -251,7 +252,7 @@ def _gpu_backends():
 
 def _runs(backend):
     try:
-        resolve_backend(backend, "cuda")
+        device_backend(backend, "cuda")
     except FP8BackendError:
         return False
     return True
@@ -285,7 +286,7 @@ def test_each_gpu_backend_equals_its_twin_on_v3_shapes(n, k, rows):
 def test_auto_on_this_gpu_and_grouped_fp8_experts(tiny_fp8):
     model = load(tiny_fp8, dtype=torch.bfloat16).cuda()
     kinds = model.fp8_backend()
-    expected = resolve_backend("auto", "cuda")
+    expected = device_backend("auto", "cuda")
     assert kinds["model.layers.*.self_attn.o_proj"] in (expected, "dequant")
     ids = input_ids().cuda()
     with torch.no_grad():
@@ -293,7 +294,7 @@ def test_auto_on_this_gpu_and_grouped_fp8_experts(tiny_fp8):
         model.set_fp8_compute("dequant")
         ref = model(ids).logits.float()
     assert rel(out, ref) < 5e-2
-    if gpu.triton_available():
+    if w8a16.triton_available():
         assert kinds["model.layers.*.mlp.experts.*.gate_proj"] == "w8a16_grouped"
         assert model.model.layers[1].mlp.experts._fp8_stack is not None
 
@@ -305,8 +306,10 @@ def test_scaled_mm_runs_with_the_prepared_layouts_on_cuda():
     x_q, x_s = block_quantize(torch.randn(256, 1024, device="cuda"), (1, 128))
     w_q, w_s = fp8_weight(768, 1024)
     w_q, w_s = w_q.cuda(), w_s.cuda()
-    a = gpu.prepare_scales(x_s, (1, 128))
-    out = gpu.blockwise_scaled_mm(x_q, a, w_q, gpu.prepare_scales(w_s, BLOCK), BLOCK, torch.float32)
-    twin = gpu.blockwise_scaled_mm_emulated(x_q, a, w_q, gpu.prepare_scales(w_s, BLOCK), BLOCK, torch.float32)
+    a = scaled_mm.prepare_scales(x_s, (1, 128))
+    out = scaled_mm.blockwise_scaled_mm(x_q, a, w_q, scaled_mm.prepare_scales(w_s, BLOCK), BLOCK, torch.float32)
+    twin = scaled_mm.blockwise_scaled_mm_emulated(
+        x_q, a, w_q, scaled_mm.prepare_scales(w_s, BLOCK), BLOCK, torch.float32
+    )
     assert rel(out, twin) < 5e-3
     assert F.scaled_mm is not None

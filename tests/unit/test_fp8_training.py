@@ -64,8 +64,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("ue8m0,act_ue8m0", [(False, True), (True, True), (False, False)],
-                         ids=["default", "all_ue8m0", "all_fp32_scales"])
+@pytest.mark.parametrize(
+    "ue8m0,act_ue8m0", [(False, True), (True, True), (False, False)], ids=["default", "all_ue8m0", "all_fp32_scales"]
+)
 @pytest.mark.parametrize("shape", [(300, 200, 176), (130, 256, 384), (7, 129, 5)], ids=["partial", "aligned_k", "odd"])
 def test_each_gemm_equals_the_independent_reference(shape, ue8m0, act_ue8m0):
     t, k, n = shape
@@ -73,7 +74,9 @@ def test_each_gemm_equals_the_independent_reference(shape, ue8m0, act_ue8m0):
     x = torch.randn(t, k, generator=gen) * torch.logspace(-1, 1, k)  # channels of different magnitudes
     w = torch.randn(n, k, generator=gen) / k**0.5
     g = torch.randn(t, n, generator=gen)
-    recipe = FP8TrainingRecipe(scale_fmt="ue8m0" if ue8m0 else None, activation_scale_fmt="ue8m0" if act_ue8m0 else None)
+    recipe = FP8TrainingRecipe(
+        scale_fmt="ue8m0" if ue8m0 else None, activation_scale_fmt="ue8m0" if act_ue8m0 else None
+    )
     y, dx, dw = run_linear(x, w, g, recipe)
     ry, rdx, rdw = reference_step(x, w, g, ue8m0, act_ue8m0)
     assert rel(y, ry) < 1e-5 and rel(dx, rdx) < 1e-5 and rel(dw, rdw) < 1e-5, (rel(y, ry), rel(dx, rdx), rel(dw, rdw))
@@ -147,8 +150,11 @@ def tiny_model(**over):
 
 def test_conversion_swaps_only_the_block_linears_and_keeps_names():
     model = tiny_model()
-    keep = {n: m for n, m in model.named_modules()
-            if n.endswith(("embed_tokens", "lm_head", "shared_head.head", "mlp.gate", "norm", "layernorm"))}
+    keep = {
+        n: m
+        for n, m in model.named_modules()
+        if n.endswith(("embed_tokens", "lm_head", "shared_head.head", "mlp.gate", "norm", "layernorm"))
+    }
     params = {n: id(p) for n, p in model.named_parameters()}
     keys = list(model.state_dict())
     convert_to_fp8_training(model)
@@ -161,28 +167,6 @@ def test_conversion_swaps_only_the_block_linears_and_keeps_names():
     assert {n: id(p) for n, p in model.named_parameters()} == params and list(model.state_dict()) == keys
     convert_from_fp8_training(model)
     assert not fp8_training_modules(model) and type(model.model.layers[1].self_attn.kv_b_proj).__name__ == "KVBLinear"
-
-
-def test_training_with_the_recipe_learns_and_matches_fp32_closely():
-    ids = input_ids(4, 32)
-    losses = {}
-    for fp8 in (False, True):
-        torch.manual_seed(0)
-        model = tiny_model().train()
-        if fp8:
-            convert_to_fp8_training(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        curve = []
-        for _ in range(15):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        losses[fp8] = curve
-    assert losses[True][-1] < 0.7 * losses[True][0]
-    # 15 steps on the steep part of the curve: close, not equal (benchmarks/fp8_training.py runs 300+ steps)
-    assert abs(losses[True][-1] - losses[False][-1]) / losses[False][-1] < 0.15
 
 
 def test_checkpointing_and_compile_with_the_recipe():
@@ -247,7 +231,11 @@ def test_adamw_with_bf16_moments(moments):
 @pytest.mark.gpu
 def test_cuda_backend_equals_the_emulated_twin():
     gen = torch.Generator().manual_seed(0)
-    x, w, g = torch.randn(512, 1024, generator=gen), torch.randn(768, 1024, generator=gen) / 32, torch.randn(512, 768, generator=gen)
+    x, w, g = (
+        torch.randn(512, 1024, generator=gen),
+        torch.randn(768, 1024, generator=gen) / 32,
+        torch.randn(512, 768, generator=gen),
+    )
     emulated = run_linear(x, w, g, FP8TrainingRecipe(backend="emulated"))
     cuda = run_linear(x.cuda().bfloat16(), w.cuda().bfloat16(), g.cuda().bfloat16(), FP8TrainingRecipe(backend="cuda"))
     for a, b in zip(cuda, emulated):

@@ -1,10 +1,17 @@
-"""The package's shape: the intra-package import graph is a DAG, and only ``distributed/`` may import
-``torch.distributed`` (model code is single-device; parallelism is applied from outside)."""
+"""The package's shape, enforced: the intra-package import graph is a DAG (imports inside functions count); the
+core (``core/``) imports only the FP8 format and linear layer of this package, so every feature attaches from
+outside; ``fp8/`` imports nothing above it; only ``distributed/`` imports ``torch.distributed``; the private
+transformers methods the features override still have the signatures they were written against."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 from pathlib import Path
+
+import pytest
+import transformers
 
 from helpers import ROOT
 
@@ -57,7 +64,7 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
             if m == n.rpartition(".")[0] or n.startswith(m + "."):
                 continue
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         stack.pop()
@@ -73,7 +80,7 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
 def test_import_graph_is_a_dag():
     g = graph()
     assert len(g) > 30 and f"{NAME}.modeling" in g
-    assert f"{NAME}.training.losses" in g[f"{NAME}.modeling"]  # the checker sees real edges
+    assert f"{NAME}.loading" in g[f"{NAME}.modeling"]  # the checker sees real edges
     cycle = find_cycle(g)
     assert cycle is None, " -> ".join(cycle)
 
@@ -96,3 +103,110 @@ def test_only_distributed_imports_torch_distributed():
             if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+#: what the core may import from this package: itself and the FP8 format, linear layer and its backend decision
+CORE_MAY_IMPORT = ("core", "fp8", "fp8.format", "fp8.linear", "fp8.dispatch")
+
+
+def test_core_imports_no_feature():
+    g = graph()
+    allowed = {f"{NAME}.{m}" for m in CORE_MAY_IMPORT}
+    core = {m: deps for m, deps in g.items() if m == f"{NAME}.core" or m.startswith(f"{NAME}.core.")}
+    assert len(core) >= 10
+    offenders = {
+        m: sorted(d for d in deps if not d.startswith(f"{NAME}.core") and d not in allowed) for m, deps in core.items()
+    }
+    offenders = {m: d for m, d in offenders.items() if d}
+    assert not offenders, f"the core imports features (move the code out, or attach it from outside): {offenders}"
+
+
+def test_fp8_imports_nothing_above_it():
+    g = graph()
+    offenders = {
+        m: sorted(d for d in deps if not d.startswith(f"{NAME}.fp8"))
+        for m, deps in g.items()
+        if m.startswith(f"{NAME}.fp8")
+    }
+    offenders = {m: d for m, d in offenders.items() if d}
+    assert not offenders, offenders
+
+
+def test_public_classes_module_is_assembly():
+    """``modeling.py`` lists the core and the features: no function bodies, no methods beyond class attributes."""
+    tree = ast.parse((PACKAGE / "modeling.py").read_text())
+    assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    assert len((PACKAGE / "modeling.py").read_text().splitlines()) <= 150
+
+
+FEATURES_WITH_PRIVATE_OVERRIDES = ("generation.hooks", "loading", "distributed.ep_inference")
+
+
+@pytest.mark.parametrize("feature", FEATURES_WITH_PRIVATE_OVERRIDES)
+def test_private_transformers_api_unchanged(feature):
+    """Each private transformers method a feature overrides still takes the parameters the override was written
+    for; when an upgrade changes one, this names the method, the transformers version and the file to update."""
+    module = importlib.import_module(f"{NAME}.{feature}")
+    for qualname, expected in module.PRIVATE_API.items():
+        owner, method = qualname.split(".")
+        cls = getattr(transformers, owner, None) or getattr(transformers.generation.utils, owner)
+        found = tuple(inspect.signature(getattr(cls, method)).parameters)
+        assert found == expected, (
+            f"transformers {transformers.__version__} changed the private {qualname}: parameters {found}, "
+            f"{NAME}/{feature.replace('.', '/')}.py was written for {expected}. Update the override there."
+        )
+
+
+def test_private_overrides_live_only_in_their_feature_files():
+    """No other module of the package defines a method with the name of a private transformers method it would
+    override (one deletable file per feature)."""
+    overridden = {
+        q.split(".")[1]
+        for f in FEATURES_WITH_PRIVATE_OVERRIDES
+        for q in importlib.import_module(f"{NAME}.{f}").PRIVATE_API
+    }
+    homes = {str(PACKAGE / (f.replace(".", "/") + ".py")) for f in FEATURES_WITH_PRIVATE_OVERRIDES}
+    strays = []
+    for path in PACKAGE.rglob("*.py"):
+        if str(path) in homes:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in overridden:
+                strays.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not strays, strays
+
+
+#: The package's layers, bottom up: a module may import its own layer and the ones below it, never above.
+#: Entries are folders or modules (the longest match places a module).
+LAYERS = (
+    ("fp8",),
+    ("core",),
+    ("checkpoint", "integrations.tokenizer"),  # make-tiny writes a tokenizer beside the weights
+    ("generation", "integrations", "placement", "loading", "distributed", "hub_files"),
+    ("modeling", "registration"),
+    ("training",),
+    ("cli", "__main__", ""),  # "" = the package's __init__
+)
+
+
+def _layer_of(module: str) -> int:
+    name = module.removeprefix(NAME).lstrip(".")
+    matches = [
+        (len(entry), i)
+        for i, entries in enumerate(LAYERS)
+        for entry in entries
+        if name == entry or name.startswith(entry + ".") or (entry == "" and name == "")
+    ]
+    if matches:
+        return max(matches)[1]
+    raise AssertionError(f"{module} is in no layer of LAYERS: add its folder to the table in {__file__}")
+
+
+def test_no_import_runs_upward():
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph().items()
+        for d in deps
+        if _layer_of(d) > _layer_of(m) and not (m == NAME or d.startswith(m + "."))
+    )
+    assert not upward, upward

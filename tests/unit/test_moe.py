@@ -13,11 +13,11 @@ from modeling_deepseekv3.core.moe import DeepseekV3MoE, moe_reference, route_tok
 def oracle_route(logits, bias, top_k, n_group, topk_group, scale):
     """Spec §6, one token at a time, plain Python sorting."""
     idx_out, w_out = [], []
-    for row, in zip(logits):
+    for (row,) in zip(logits):
         s = row.sigmoid().tolist()
         sel = [a + b for a, b in zip(s, bias.tolist())]
         size = len(s) // n_group
-        groups = [sum(sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        groups = [sum(sorted(sel[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
         kept = sorted(range(n_group), key=lambda g: -groups[g])[:topk_group]
         cand = [e for e in range(len(s)) if e // size in kept]
         chosen = sorted(cand, key=lambda e: -sel[e])[:top_k]
@@ -32,7 +32,9 @@ def test_router_matches_oracle(bias_shift):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 16, generator=g) * 2
     bias = (torch.rand(16, generator=g) - 0.5) + bias_shift
-    idx, w = route_tokens(logits, bias, top_k=4, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    idx, w = route_tokens(
+        logits, bias, top_k=4, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5
+    )
     order = idx.argsort(-1)
     ref_idx, ref_w = oracle_route(logits, bias, 4, 4, 2, 2.5)
     assert torch.equal(idx.gather(1, order), ref_idx)
@@ -45,7 +47,9 @@ def test_dropped_groups_masked_with_minus_inf_not_zero():
     logits = torch.full((1, 8), -4.0)
     bias = torch.tensor([-0.9, -0.9, -1.0, -1.0, -0.1, -0.1, -3.0, -3.0])
     # groups of 2: [0,1] [2,3] [4,5] [6,7]; keep the 2 best groups: {4,5} and {0,1}
-    idx, _ = route_tokens(logits, bias, top_k=3, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.0)
+    idx, _ = route_tokens(
+        logits, bias, top_k=3, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.0
+    )
     chosen = set(idx[0].tolist())
     assert chosen <= {0, 1, 4, 5}, chosen
 
@@ -53,7 +57,9 @@ def test_dropped_groups_masked_with_minus_inf_not_zero():
 def test_weights_use_unbiased_scores():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     bias = torch.tensor([10.0, 10.0, 0.0, 0.0])  # bias makes experts 0, 1 win selection
-    idx, w = route_tokens(logits, bias, top_k=2, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)
+    idx, w = route_tokens(
+        logits, bias, top_k=2, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0
+    )
     assert set(idx[0].tolist()) == {0, 1}
     torch.testing.assert_close(w[0].sort().values, torch.tensor([0.0, 1.0]).sigmoid())
 

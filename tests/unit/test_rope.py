@@ -12,8 +12,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import modeling_deepseekv3 as ds
 from modeling_deepseekv3.core.rope import apply_rope, rope_inv_freq, softmax_scale
 
-V3_ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-           "mscale": 1.0, "mscale_all_dim": 1.0}
+V3_ROPE = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 def test_v3_yarn_frequencies_follow_the_spec():
@@ -30,7 +37,9 @@ def test_v3_yarn_frequencies_follow_the_spec():
     assert softmax_scale(cfg) == pytest.approx(0.1352338, abs=1e-7)
 
 
-@pytest.mark.parametrize("rope", [V3_ROPE, {**V3_ROPE, "factor": 32, "beta_fast": 1, "beta_slow": 1}], ids=["v3", "kimi"])
+@pytest.mark.parametrize(
+    "rope", [V3_ROPE, {**V3_ROPE, "factor": 32, "beta_fast": 1, "beta_slow": 1}], ids=["v3", "kimi"]
+)
 def test_yarn_matches_transformers(rope):
     ours = ds.DeepseekV3Config(rope_scaling=dict(rope), rope_theta=50000)
     native = transformers.DeepseekV3Config(rope_scaling=dict(rope), rope_theta=50000)
@@ -44,7 +53,9 @@ def test_interleaved_rotation_is_complex_multiplication():
     x = torch.randn(2, 3, 5, 16)
     angles = torch.rand(2, 1, 5, 8) * 10
     out = apply_rope(x, angles.cos(), angles.sin(), interleaved=True)
-    ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 5, 8, 2)) * torch.polar(torch.ones_like(angles), angles))
+    ref = torch.view_as_real(
+        torch.view_as_complex(x.reshape(2, 3, 5, 8, 2)) * torch.polar(torch.ones_like(angles), angles)
+    )
     torch.testing.assert_close(out, ref.flatten(-2))
 
 

@@ -34,9 +34,15 @@ def test_deepseek_v3_headline_figures():
     assert 11e9 < counts["mtp"] < 12e9  # the MTP block without its tied embedding/head
 
 
-@pytest.mark.parametrize("schedule,stages,in_flight,bubble", [
-    ("1f1b", 4, 4, 3 * 3), ("zb1p", 4, 4, 3 * 1), ("dualpipe", 4, 5, 1 * 2), ("dualpipev", 8, 9, 3 * 2),
-])
+@pytest.mark.parametrize(
+    "schedule,stages,in_flight,bubble",
+    [
+        ("1f1b", 4, 4, 3 * 3),
+        ("zb1p", 4, 4, 3 * 1),
+        ("dualpipe", 4, 5, 1 * 2),
+        ("dualpipev", 8, 9, 3 * 2),
+    ],
+)
 def test_schedules_follow_dualpipes_table(schedule, stages, in_flight, bubble):
     config = ds.DeepseekV3Config(**{**TINY_CONFIG, "num_hidden_layers": 16})
     plan = plan_training(config, TrainLayout(pp=4, dp=4, ep=2, schedule=schedule, micro_batches=16, seq_len=64))
@@ -61,19 +67,28 @@ def test_memory_terms_respond_to_their_knobs():
     expected = (dense + experts) / (dense / 128 + experts / 2)
     assert no_zero.memory["optimizer"] / plan.memory["optimizer"] == pytest.approx(expected, rel=1e-6)
     assert no_zero.memory["optimizer"] == pytest.approx((4 + 4) * (dense + experts), rel=1e-6)  # master + BF16 moments
-    assert plan_training(config, TrainLayout(**{**base.__dict__, "fp8": False})).memory["activations"] > plan.memory["activations"]
-    assert plan_training(config, TrainLayout(**{**base.__dict__, "recompute": False})).memory["activations"] > plan.memory["activations"]
+    assert (
+        plan_training(config, TrainLayout(**{**base.__dict__, "fp8": False})).memory["activations"]
+        > plan.memory["activations"]
+    )
+    assert (
+        plan_training(config, TrainLayout(**{**base.__dict__, "recompute": False})).memory["activations"]
+        > plan.memory["activations"]
+    )
     assert plan.memory["total"] == pytest.approx(sum(v for k, v in plan.memory.items() if k != "total"))
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"dp": 100}, "must divide --dp"),
-    ({"ep": 3, "dp": 3}, "n_routed_experts 256"),
-    ({"pp": 3, "dp": 64}, "even --pp"),
-    ({"micro_batches": 8}, "fewer than the 16 stages"),
-    ({"pp": 64, "schedule": "1f1b", "micro_batches": 64}, "cannot fill 64 pipeline stages"),
-    ({"schedule": "gpipe"}, "--pp-schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"dp": 100}, "must divide --dp"),
+        ({"ep": 3, "dp": 3}, "n_routed_experts 256"),
+        ({"pp": 3, "dp": 64}, "even --pp"),
+        ({"micro_batches": 8}, "fewer than the 16 stages"),
+        ({"pp": 64, "schedule": "1f1b", "micro_batches": 64}, "cannot fill 64 pipeline stages"),
+        ({"schedule": "gpipe"}, "--pp-schedule must be one of"),
+    ],
+)
 def test_impossible_layouts_are_refused(change, match):
     layout = {"pp": 16, "dp": 128, "ep": 64, "schedule": "dualpipe", "micro_batches": 32}
     with pytest.raises(TrainPlanError, match=match):

@@ -37,23 +37,74 @@ def test_balance_loss_hand_computed():
     torch.testing.assert_close(masked, torch.tensor(0.25 * (2.0 * 2)))  # f = 4/2 * [1,1,0,0], P = 0.25
 
 
-def test_bias_update_moves_load_toward_balance():
-    """``update_routing_bias`` itself, step after step, on a model whose biases start skewed."""
-    model = ds.DeepseekV3ForCausalLM(ds.DeepseekV3Config(**TINY_CONFIG, load_mtp=False)).eval()
-    moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, ds.moe.DeepseekV3MoE)]
+def tiny_moe_model(**over):
+    """The tiny model built from its config (random weights; no checkpoint), eval mode; its MoE layers."""
+    model = ds.DeepseekV3ForCausalLM(ds.DeepseekV3Config(**{**TINY_CONFIG, "load_mtp": False, **over})).eval()
+    return model, {
+        f"model.layers.{i}.mlp": layer.mlp
+        for i, layer in enumerate(model.model.layers)
+        if isinstance(layer.mlp, ds.core.moe.DeepseekV3MoE)
+    }
+
+
+def test_bias_update_rule_on_known_loads():
+    """``b_i += gamma * sign(mean - load_i)`` on hand-set counts: +gamma below the mean, -gamma above, 0 at it; added
+    to the bias there (not overwriting it), weights untouched; layers that routed nothing are skipped; the
+    returned imbalance is max / mean; the counts are reset; ``gamma=None`` takes the config's rate."""
+    model, moes = tiny_moe_model(routing_bias_update_rate=0.02)
+    assert list(moes) == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert update_routing_bias(model, gamma=0.1) == {}  # nothing tracked: nothing to do
+    tracker = track_expert_load(model, True)
+    start = torch.linspace(-0.5, 0.5, 16)
     with torch.no_grad():
-        for moe in moes:
+        for moe in moes.values():
+            moe.gate.e_score_correction_bias.copy_(start)
+    weight = moes["model.layers.1.mlp"].gate.weight.clone()
+    load = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 5, 6, 7, 8])  # sum 64, mean 4
+    tracker.counts = {"model.layers.1.mlp": load.clone(), "model.layers.2.mlp": torch.zeros(16, dtype=torch.long)}
+    imbalance = update_routing_bias(model, gamma=0.01)
+    assert imbalance == {"model.layers.1.mlp": 8 / 4}  # layer 2 routed no token: not updated, not reported
+    step = torch.tensor([1.0] * 4 + [0.0] * 8 + [-1.0] * 4)  # below the mean: up; at it: unchanged; above: down
+    bias = moes["model.layers.1.mlp"].gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    torch.testing.assert_close(bias - start, 0.01 * step, rtol=0, atol=1e-7)
+    assert torch.equal(moes["model.layers.2.mlp"].gate.e_score_correction_bias, start)
+    assert torch.equal(moes["model.layers.1.mlp"].gate.weight, weight)  # selection only: the router weight stays
+    assert tracker.counts == {} and not expert_load(model)  # reset for the next step
+    # the config's rate when gamma is not given; gamma 0 only reports
+    tracker.counts = {"model.layers.2.mlp": load.flip(0).clone()}
+    assert update_routing_bias(model) == {"model.layers.2.mlp": 2.0}
+    torch.testing.assert_close(
+        moes["model.layers.2.mlp"].gate.e_score_correction_bias - start, 0.02 * step.flip(0), rtol=0, atol=1e-7
+    )
+    tracker.counts = {"model.layers.1.mlp": load.clone()}
+    before = bias.clone()
+    assert update_routing_bias(model, gamma=0.0) == {"model.layers.1.mlp": 2.0}
+    assert torch.equal(bias, before)
+
+
+def test_bias_updates_move_router_load_toward_balance():
+    """The closed loop at the routers: skewed biases, the same tokens routed step after step (the routers called
+    directly, counted by the tracker's hooks), one update per step: the imbalance falls. The whole-model version
+    is tests/integration/test_training_runs.py."""
+    model, moes = tiny_moe_model()
+    with torch.no_grad():
+        for moe in moes.values():
             moe.gate.e_score_correction_bias.copy_(torch.linspace(0.3, -0.3, 16))  # skewed toward low experts
     track_expert_load(model, True)
-    ids = input_ids(2, 64)
+    x = torch.randn(128, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     imbalances = []
-    for _ in range(150):
+    for _ in range(60):
         with torch.no_grad():
-            model(ids)
-        step = update_routing_bias(model, gamma=0.005)
-        assert set(step) == {f"model.layers.{i}.mlp" for i in (1, 2)}
+            for moe in moes.values():
+                moe.gate(x)
+        step = update_routing_bias(model, gamma=0.01)
+        assert set(step) == set(moes)
         imbalances.append(sum(step.values()) / len(step))
-    assert imbalances[0] > 2.0 and imbalances[-1] < 0.6 * imbalances[0], imbalances[::30]
+    assert imbalances[0] > 2.0 and imbalances[-1] < 0.6 * imbalances[0], imbalances[::10]
+    for moe in moes.values():  # the favoured low experts were pushed down, the starved high ones up
+        bias = moe.gate.e_score_correction_bias
+        assert bias[:4].mean() < 0.3 - 0.1 and bias[-4:].mean() > -0.3 + 0.1
 
 
 def test_update_routing_bias_and_load_statistics(tiny_fp8):
@@ -191,21 +242,39 @@ def test_mtp_block_is_recomputed_under_gradient_checkpointing(tiny_fp8):
     assert calls == {f"model.layers.{i}.self_attn": 2 for i in range(4)}, calls
 
 
-def test_routing_bias_callback_in_trainer(tiny_bf16_direct_q, tmp_path):
-    from transformers import Trainer, TrainingArguments
+def test_routing_bias_callback_hooks():
+    """The callback's three hooks called as ``Trainer`` calls them: train begin starts training-only counting
+    (an eval forward is not counted), each step end updates the biases by one step of gamma, a log gets the
+    mean imbalance (in the logs and in the log history Trainer already appended to). The run inside a real
+    Trainer is tests/integration/test_training_runs.py."""
+    from types import SimpleNamespace
 
-    model = load(tiny_bf16_direct_q)
-    ids = input_ids(8, 16)
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    before = model.model.layers[1].mlp.gate.e_score_correction_bias.clone()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
-                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-4)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RoutingBiasCallback(gamma=0.001)])
-    trainer.train()
-    after = model.model.layers[1].mlp.gate.e_score_correction_bias
-    assert not torch.equal(before, after)
-    assert (after - before).abs().max() <= 3 * 0.001 + 1e-7  # one step of gamma per optimizer step
-    assert any("moe_load_imbalance" in entry for entry in trainer.state.log_history)
+    model, moes = tiny_moe_model()
+    callback = RoutingBiasCallback(gamma=0.001)
+    logs = {"loss": 1.0}
+    callback.on_log(None, SimpleNamespace(log_history=[]), None, logs=logs)
+    assert logs == {"loss": 1.0}  # before any step: nothing to report
+    callback.on_train_begin(None, None, None, model=model)
+    ids = input_ids(2, 8)
+    with torch.no_grad():
+        model.eval()(ids)  # an evaluation: not counted
+        assert not expert_load(model)
+        model.train()(ids)
+    loads = expert_load(model)
+    assert set(loads) == set(moes)
+    before = {name: moe.gate.e_score_correction_bias.clone() for name, moe in moes.items()}
+    callback.on_step_end(None, None, None, model=model)
+    for name, moe in moes.items():
+        load = loads[name].float()
+        torch.testing.assert_close(
+            moe.gate.e_score_correction_bias - before[name], 0.001 * torch.sign(load.mean() - load), rtol=0, atol=1e-7
+        )
+    state = SimpleNamespace(log_history=[{"loss": 1.0}])
+    logs = {"loss": 1.0}
+    callback.on_log(None, state, None, logs=logs)
+    expected = sum((loads[n].max() / loads[n].float().mean()).item() for n in moes) / len(moes)
+    assert logs["moe_load_imbalance"] == pytest.approx(expected) and expected > 1
+    assert state.log_history[-1]["moe_load_imbalance"] == logs["moe_load_imbalance"]
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1e-3])
