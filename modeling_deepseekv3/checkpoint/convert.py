@@ -125,19 +125,12 @@ def convert_checkpoint(
     }
     params_file = work / ".convert-params.json"
     work.mkdir(parents=True, exist_ok=True)
-    lock = _exclusive_lock(work / ".convert.lock", dst)
-    if params_file.is_file():
-        saved = json.loads(params_file.read_text())
-        if saved != params:
-            what = "source shards changed since" if saved.get("source_shards") != source else "settings differ from"
-            raise FileExistsError(
-                f"{work} holds an unfinished conversion, but the {what} that run; delete {work} to start over, or "
-                "rerun with the same source and settings to resume."
-            )
-    elif any(p.suffix == ".safetensors" for p in work.iterdir()):
-        raise FileExistsError(f"{work} holds shards of an unknown conversion; delete it to start over.")
-    else:
-        params_file.write_text(json.dumps(params))
+    lock = _exclusive_lock(work / ".convert.lock", dst)  # held: no live conversion is writing into `work`
+    try:
+        _prepare_work_dir(work, src, params, overwrite)
+    except BaseException:
+        lock.close()
+        raise
 
     handles: dict[str, object] = {}
 
@@ -201,6 +194,58 @@ def convert_checkpoint(
     (dst / ".convert.lock").unlink(missing_ok=True)
     lock.close()
     return dst
+
+
+def _prepare_work_dir(work: Path, src: Path, params: dict, overwrite: bool) -> None:
+    """Resume, restart or refuse the staging folder ``work`` (its lock is held, so its writer is gone).
+
+    Same source and settings: resume. An unfinished conversion of another source or settings (its
+    ``.convert-params.json`` marker says it is this package's): refused, unless ``overwrite`` -- then it is
+    discarded with one log line (pretrain's export re-exports its BF16 source every run, so its mtimes always
+    differ and a killed export would otherwise block every rerun). Files convert did not write are never deleted."""
+    params_file = work / ".convert-params.json"
+    try:
+        saved = json.loads(params_file.read_text()) if params_file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = {}
+    saved = saved if isinstance(saved, dict) or saved is None else {}
+    own = {params_file.name, ".convert.lock", INDEX_NAME, "config.json"}
+    for shards in (params["source_shards"], (saved or {}).get("source_shards") or {}):
+        own.update(shards)
+        own.update(f"{name}.tmp" for name in shards)
+    own.update(item.name for item in src.iterdir() if item.is_file() and not item.name.startswith("."))
+    foreign = sorted(p.name for p in work.iterdir() if p.name not in own or p.is_symlink() or not p.is_file())
+    if foreign:
+        raise FileExistsError(
+            f"{work} is convert's staging folder for this destination, but holds {', '.join(foreign[:5])}, which "
+            f"convert did not write; move those out of it (or delete {work}) and rerun."
+        )
+    if saved is None:
+        if any(p.suffix == ".safetensors" for p in work.iterdir()):
+            raise FileExistsError(
+                f"{work} holds shards without convert's .convert-params.json marker (not a conversion this package "
+                f"can resume); delete {work} to start over."
+            )
+        params_file.write_text(json.dumps(params))
+        return
+    if saved == params:
+        logger.info("convert: resuming the unfinished conversion in %s.", work)
+        return
+    what = (
+        "source shards changed since"
+        if saved.get("source_shards") != params["source_shards"]
+        else "settings differ from"
+    )
+    if not overwrite:
+        raise FileExistsError(
+            f"{work} holds an unfinished conversion, but the {what} that run; rerun with the same source and "
+            f"settings to resume, or pass overwrite=True (--overwrite) to discard it and start over."
+        )
+    logger.warning("convert: discarding %s (the %s that interrupted run); starting over.", work, what)
+    for item in work.iterdir():
+        if item.name != ".convert.lock":
+            item.unlink()
+    params_file.write_text(json.dumps(params))
 
 
 def _exclusive_lock(path: Path, dst: Path):

@@ -88,7 +88,8 @@ def check_local_checkout(path: str, subfolder: str = "") -> None:
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{directory}: no config.json; a checkpoint directory needs the model's config.json.")
     try:
-        raw = json.loads(open(config_path, encoding="utf-8").read())
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
     if not isinstance(raw, dict):
@@ -176,6 +177,9 @@ def _describe_dtype_mismatch(key: str, expected: torch.dtype, found: TensorInfo)
 
 def check_checkpoint_against_model(model, checkpoint_files: list[str], load_config) -> None:
     """Compare the (meta-device) model's expected tensors with the shard headers; raise on any mismatch."""
+    adapters = [str(f) for f in checkpoint_files if os.path.basename(str(f)).startswith("adapter_model")]
+    if adapters:  # transformers' own adapter loading; compared as base weights it reads as "176 scales missing"
+        raise CheckpointError(_adapter_message(os.path.dirname(adapters[0]) or "."))
     tensors = read_checkpoint_tensors(checkpoint_files)
     weight_map = (getattr(load_config, "sharded_metadata", None) or {}).get("weight_map") or {}
     for key, file in weight_map.items():
@@ -226,6 +230,15 @@ def check_checkpoint_against_model(model, checkpoint_files: list[str], load_conf
         missing = []
     if missing:
         raise CheckpointError(_missing_message(missing, tensors, model.config))
+
+
+def _adapter_message(folder: str) -> str:
+    return (
+        f"{folder} holds a PEFT adapter (adapter_config.json, adapter_model.safetensors): LoRA weights, not this "
+        "model's, which transformers' built-in adapter loading cannot place on this model. Save adapters into a "
+        "folder of their own, not the base model's (move those two files out of it), load the base from its "
+        "folder, then the adapter with PeftModel.from_pretrained(model, adapter_dir)."
+    )
 
 
 def _missing_message(missing: list[str], tensors: dict[str, TensorInfo], config) -> str:

@@ -1,10 +1,10 @@
-"""Data parallelism for training: FSDP2 ``fully_shard`` at decoder-layer granularity, applied from outside; and
-the ``pp x dp`` grid of ranks (:class:`Layout`) that pipeline and expert parallelism share. (With ``--pp`` or
-``--ep``, data ranks hold whole weights and average their gradients instead: :mod:`.expert_parallel`.)
+"""Data parallelism for training: FSDP2 ``fully_shard`` at decoder-layer granularity, applied from outside (the
+last step of :func:`~.parallelize.parallelize`; the ranks are :class:`~.layout.Layout`'s). With ``--pp`` or
+``--ep``, data ranks hold whole weights and average their gradients instead: :mod:`.expert_parallel`.
 
 ``deepseek-v3 pretrain --dp N`` under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPUs) runs the same
 loop as one process: each rank takes its slice of every global batch, FSDP2 averages the gradients, and the
-aux-loss-free bias update sees the expert loads of all ranks (:func:`all_reduce_expert_load`), so for the same
+aux-loss-free bias update sees the expert loads of all ranks (``Layout.sum_``), so for the same
 seed and global batch the losses equal the single-process run's up to float rounding (tested).
 
 Two MoE-specific hazards, both measured here before this module existed:

@@ -542,7 +542,8 @@ def load(strict: bool = False) -> bool:
                     _state["error"] = exc
                     warnings.warn(
                         f"modeling_deepseekv3: native FP8 CPU kernel unavailable ({exc}); FP8 linears on CPU use "
-                        "the slower torch path (dequantize, then matmul). Results are the same.",
+                        "the slower torch path (dequantize, then matmul). Results agree within float rounding "
+                        "(in bf16, greedy tokens can differ at near-ties).",
                         RuntimeWarning,
                         stacklevel=3,
                     )

@@ -125,6 +125,15 @@ class DeepseekV3GenerationMixin:
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         if impl == "static":
+            limit = self.config.max_position_embeddings
+            if generation_config.max_cache_len is not None and generation_config.max_cache_len > limit:
+                # checked before allocating: a cache past the RoPE range is never usable, and allocating (then
+                # zero-filling) millions of positions took minutes before anything failed
+                raise ValueError(
+                    f"max_cache_len={generation_config.max_cache_len} is more than this model's "
+                    f"max_position_embeddings ({limit}); positions past it are never used. Pass max_cache_len <= "
+                    f"{limit} (or leave it unset: generate sizes the static cache to the prompt plus max_new_tokens)."
+                )
             if generation_config.max_cache_len is not None:
                 max_cache_length = max(max_cache_length, generation_config.max_cache_len)
             model_kwargs["cache"] = StaticLatentCache(self.config, max_cache_len=max_cache_length)

@@ -124,8 +124,16 @@ class PretrainArgs:
 
 
 def load_model_config(spec: str, vocab_size: int | None = None) -> DeepseekV3Config:
-    """``--model-config``: a config.json path, a directory holding one, or a preset name (:data:`PRESETS`)."""
+    """``--model-config``: a config.json path, a directory holding one, or a preset name (:data:`PRESETS`).
+
+    A bare preset name that is also an existing path is refused: a local ``./tiny`` folder must not silently
+    replace the ``tiny`` preset (or the other way round)."""
     path = Path(spec)
+    if spec in PRESETS and path.exists():
+        raise PretrainError(
+            f"--model-config {spec!r} is both the preset {spec!r} and the path {path.resolve()}; pass ./{spec} for "
+            "the path, or rename/move it to use the preset."
+        )
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
