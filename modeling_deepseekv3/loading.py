@@ -17,8 +17,6 @@ written against (checked by ``tests/unit/test_layout.py``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .checkpoint import load as checkpoint_load
@@ -62,7 +60,7 @@ class OfficialCheckpointLoading:
         deferred_4bit = None
         if (
             is_4bit_request(kwargs.get("quantization_config"))
-            and _config_for(cls, pretrained_model_name_or_path, kwargs).is_fp8
+            and checkpoint_load.resolve_config(cls, pretrained_model_name_or_path, kwargs).is_fp8
         ):
             # transformers' bitsandbytes quantizer would cast the FP8 weights without their scales: load FP8, then
             # dequantize and 4-bit each projection ourselves
@@ -90,14 +88,6 @@ class OfficialCheckpointLoading:
 
     def _save_pretrained_transformers(self, save_directory, *args, **kwargs):
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-def _config_for(cls, path, kwargs):
-    config = kwargs.get("config")
-    if config is None or isinstance(config, (str, os.PathLike)):
-        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
-        config = cls.config_class.from_pretrained(config or path, **hub)
-    return config
 
 
 def finalize_loaded_model(model) -> None:

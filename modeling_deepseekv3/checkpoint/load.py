@@ -37,7 +37,13 @@ from .layout import mtp_layer_indices
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_checkpoint_against_model", "check_loaded_values", "prepare_from_pretrained", "report_fp8_backend"]
+__all__ = [
+    "check_checkpoint_against_model",
+    "check_loaded_values",
+    "prepare_from_pretrained",
+    "report_fp8_backend",
+    "resolve_config",
+]
 
 #: Task heads a checkpoint may legitimately lack (saved from the base model): initialized, not refused.
 HEAD_KEYS = ("lm_head.weight",)
@@ -108,6 +114,15 @@ def check_local_checkout(path: str, subfolder: str = "") -> None:
         )
 
 
+def resolve_config(cls, path, kwargs: dict):
+    """The config ``from_pretrained(path, **kwargs)`` will build with: ``kwargs["config"]`` when it is a config
+    object, else read from that path (or ``path``) with the call's download options."""
+    config = kwargs.get("config")
+    if config is None or isinstance(config, (str, os.PathLike)):
+        config = cls.config_class.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    return config
+
+
 def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     """Pre-load checks; decides ``load_mtp`` when the caller did not (load MTP only if present).
 
@@ -117,22 +132,13 @@ def prepare_from_pretrained(cls, path, kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     if path is not None:
         check_local_checkout(os.fspath(path), kwargs.get("subfolder") or "")
-    config = kwargs.get("config")
-
-    def resolved_config():
-        nonlocal config
-        if config is None or isinstance(config, (str, os.PathLike)):
-            config = cls.config_class.from_pretrained(
-                config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            )
-        return config
 
     if path is None:  # from_pretrained(None, config=..., state_dict=...): nothing on disk to check
         return kwargs
     keys = _checkpoint_keys_for(os.fspath(path), kwargs)
     if keys is None:
         return kwargs
-    config = resolved_config()
+    config = resolve_config(cls, path, kwargs)
     stored = stored_layers(keys)
     # the sizes transformers will build: config.json's, or overrides such as from_pretrained(path,
     # num_hidden_layers=2) (which transformers applies to a config it loads, not to a config object passed in)
