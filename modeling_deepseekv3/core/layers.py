@@ -47,6 +47,19 @@ def make_linear(config, in_features: int, out_features: int, bias: bool = False)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+#: torch's own modules for the activations transformers marks for Hub kernels (``kernel_layer_name``). From 5.25
+#: ``from_pretrained`` kernelizes every model on CUDA by default and would download ``kernels-community/activation``
+#: for these at each load (failing offline: seen on an H200) to replace an elementwise op that is not where the
+#: time goes. Plain torch modules leave the plugin's model nothing to kernelize.
+_PLAIN_ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def activation(name: str) -> nn.Module:
+    """The module for ``config.hidden_act``: torch's own where transformers' would pull a Hub kernel."""
+    plain = _PLAIN_ACTIVATIONS.get(name)
+    return plain() if plain is not None else ACT2FN[name]
+
+
 class SwiGLUMLP(nn.Module):
     """``down_proj(act(gate_proj(x)) * up_proj(x))``: dense layers, each routed expert, the shared expert."""
 
@@ -57,7 +70,7 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj = make_linear(config, config.hidden_size, intermediate_size)
         self.up_proj = make_linear(config, config.hidden_size, intermediate_size)
         self.down_proj = make_linear(config, intermediate_size, config.hidden_size)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

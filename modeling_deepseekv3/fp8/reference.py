@@ -17,17 +17,12 @@ def fp8_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch
     """``x [T, N] @ dequant(weight [M, N]).T``, one fp32 partial sum per K block times that block's scale."""
     bm, bn = block_size
     m, n = weight.shape
-    full = (n // bn) * bn
     s_rows = scale_inv.float().repeat_interleave(bm, dim=0)[:m]  # (M, Nb)
     xf = x.float()
-    y = xf.new_zeros(x.shape[0], m)
-    if full:
-        q = weight[:, :full].float().view(m, full // bn, bn)  # (M, Kb, bn)
-        part = (q[None] * xf[:, :full].reshape(x.shape[0], 1, full // bn, bn)).sum(-1)  # (T, M, Kb)
-        y = (part * s_rows[None, :, : full // bn]).sum(-1)  # (T, M)
-    if full < n:  # partial last K block
-        tail = (weight[:, full:].float()[None] * xf[:, None, full:]).sum(-1)  # (T, M)
-        y = y + tail * s_rows[None, :, -1]
+    y = xf.new_zeros(x.shape[0], m)  # (T, M)
+    for b, k0 in enumerate(range(0, n, bn)):  # one K block at a time: memory (T, M), not (T, M, Kb, bn)
+        part = xf[:, k0 : k0 + bn] @ weight[:, k0 : k0 + bn].float().t()  # (T, M), fp32
+        y += part * s_rows[None, :, b]
     return y.to(x.dtype)
 
 

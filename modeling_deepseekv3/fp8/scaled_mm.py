@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 TILE = 128
+#: What torch / cuBLASLt take (CUDA 13.0, H200): ``K`` a multiple of 16 (a ValueError from torch: a routed
+#: expert's Wgrad contracts over the tokens routed to it, 2133 say), and no block-scaled algorithm for a one-row
+#: ``A`` (CUBLAS_STATUS_NOT_SUPPORTED at decode batch 1) while 16 rows and up run. :func:`blockwise_scaled_mm`
+#: pads ``M``, ``N`` and ``K`` to multiples of this with zeros.
+PAD = 16
 #: Activation dtypes :func:`scaled_mm_linear` takes (it quantizes them itself).
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -103,13 +108,39 @@ def prepare_scales(scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     raise ValueError(f"scaled_mm takes 1x{TILE} or {TILE}x{TILE} scale blocks, got {tuple(block)}.")
 
 
+def _pad_fp8(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """float8 ``t`` in the top-left corner of ``[rows, cols]`` zeros (byte 0 is +0.0 in e4m3)."""
+    if t.shape == (rows, cols):
+        return t
+    out = torch.zeros(rows, cols, dtype=torch.uint8, device=t.device).view(t.dtype)
+    out[: t.shape[0], : t.shape[1]].copy_(t)
+    return out
+
+
+def _pad_tile_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """1x128 tile scales ``[R, Kb]`` grown to ``rows`` (scale 1 for the zero rows), in cuBLAS's layout."""
+    if scale.shape[0] == rows:
+        return scale
+    return tile_scale_layout(torch.cat([scale, scale.new_ones(rows - scale.shape[0], scale.shape[1])]))
+
+
 def blockwise_scaled_mm(a_q, a_scale, b_q, b_scale, b_block, out_dtype) -> torch.Tensor:
     """``A @ B^T`` on FP8 tensor cores: ``a_q [M, K]`` float8 with 1x128 tile scales, ``b_q [N, K]`` float8
     (row-major, so ``b_q.t()`` is the column-major operand cuBLAS needs, no copy) with ``b_block`` = (1, 128)
     tiles or (128, 128) blocks. Scales already in cuBLAS layout (:func:`prepare_scales`). fp32 accumulation
     (``use_fast_accum=False``), output ``[M, N]`` in ``out_dtype``. The one wrapper shared by inference
-    (:func:`scaled_mm_linear`) and the training recipe's CUDA backend."""
+    (:func:`scaled_mm_linear`) and the training recipe's CUDA backend. Any ``M``, ``N``, ``K``: dimensions that
+    are not multiples of :data:`PAD` are padded with zeros (zero codes; scale 1 on padded rows), which changes
+    no sum and no block count (a multiple of 16 never crosses a multiple of 128), and the output is cut back."""
     recipes = {(1, TILE): F.ScalingType.BlockWise1x128, (TILE, TILE): F.ScalingType.BlockWise128x128}
+    (m, k), n = a_q.shape, b_q.shape[0]
+    mp, np_, kp = (d + (-d % PAD) for d in (m, n, k))
+    if (mp, np_, kp) != (m, n, k):
+        a_q, b_q = _pad_fp8(a_q, mp, kp), _pad_fp8(b_q, np_, kp)
+        a_scale = _pad_tile_scales(a_scale, mp)
+        if tuple(b_block) == (1, TILE):
+            b_scale = _pad_tile_scales(b_scale, np_)
+        return blockwise_scaled_mm(a_q, a_scale, b_q, b_scale, b_block, out_dtype)[:m, :n]  # (M, N)
     return F.scaled_mm(
         a_q,
         b_q.t(),

@@ -211,3 +211,16 @@ def test_random_init_from_config(tiny_config):
     assert lin.dequantized_weight().std() == pytest.approx(cfg.initializer_range, rel=0.2)
     logits = model(input_ids()).logits
     assert torch.isfinite(logits).all()
+
+
+def test_nothing_for_hub_kernels_to_swap(tiny_fp8, monkeypatch):
+    """transformers 5.25 kernelizes every model at ``from_pretrained`` when ``kernels`` is installed; on CUDA it
+    downloaded ``kernels-community/activation`` for transformers' SiLU module (failing offline: seen on an H200).
+    The core uses torch's own activation modules, so no module carries a Hub-kernel name and an offline load
+    with ``use_kernels=True`` succeeds with the numerics unchanged."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load(tiny_fp8, use_kernels=True)
+    assert [n for n, m in model.named_modules() if getattr(m, "kernel_layer_name", None)] == []
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, load(tiny_fp8)(ids).logits, rtol=0, atol=0)

@@ -163,7 +163,7 @@ def test_device_map_auto_splits_moe_layers_by_expert(tiny_fp8):
 def test_cpu_experts_compute_on_cpu_with_gpu_attention(tiny_fp8):
     reference = load(tiny_fp8)
     device_map = ds.plan_device_map(tiny_fp8, {0: "10GiB", "cpu": "10GiB"}, strategy="cpu-experts", dtype=torch.float32)
-    model = load(tiny_fp8, device_map=device_map)
+    model = load(tiny_fp8, device_map=device_map, fp8_compute="dequant")  # weight-only, as the CPU reference
     expert = model.model.layers[1].mlp.experts[0]
     assert expert.up_proj.weight.device.type == "cpu" and expert.up_proj.weight.dtype == torch.float8_e4m3fn
     assert expert._hf_hook.execution_device == torch.device("cpu")
@@ -178,7 +178,7 @@ def test_experts_compute_on_their_own_gpu(tiny_fp8):
     reference = load(tiny_fp8)
     gpus = {i: "10GiB" for i in range(torch.cuda.device_count())}
     device_map = ds.plan_device_map(tiny_fp8, gpus, strategy="experts", dtype=torch.float32)
-    model = load(tiny_fp8, device_map=device_map)
+    model = load(tiny_fp8, device_map=device_map, fp8_compute="dequant")  # weight-only, as the CPU reference
     for unit, dev in device_map.items():
         if EXPERT.search(unit):
             assert model.get_submodule(unit).up_proj.weight.device == torch.device("cuda", dev)

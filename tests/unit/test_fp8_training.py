@@ -50,7 +50,7 @@ def reference_step(x, w, g, ue8m0=False, act_ue8m0=True):
 
 
 def run_linear(x, w, g, recipe):
-    base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         base.weight.copy_(w)
     layer = FP8TrainingLinear(base, recipe)
@@ -236,7 +236,9 @@ def test_cuda_backend_equals_the_emulated_twin():
         torch.randn(768, 1024, generator=gen) / 32,
         torch.randn(512, 768, generator=gen),
     )
+    x, w, g = (t.cuda().bfloat16() for t in (x, w, g))  # the same bf16 operands for both: rounding x, w, g to
+    # bf16 first moves ~1.5% of their FP8 codes by one step (rel 2.1% in Y, measured on CPU and on an H200)
     emulated = run_linear(x, w, g, FP8TrainingRecipe(backend="emulated"))
-    cuda = run_linear(x.cuda().bfloat16(), w.cuda().bfloat16(), g.cuda().bfloat16(), FP8TrainingRecipe(backend="cuda"))
+    cuda = run_linear(x, w, g, FP8TrainingRecipe(backend="cuda"))
     for a, b in zip(cuda, emulated):
-        assert rel(a.float().cpu(), b) < 2e-2  # tensor cores accumulate in ~14 bits between promotions
+        assert rel(a, b) < 1e-2  # the same FP8 operands: cuBLAS's fp32 accumulation against exact fp32 sums
