@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core.configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS, PIPELINE_SCHEDULES
+from .core.configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
+from .distributed.schedules import DEFAULT_SCHEDULE, RUNNABLE, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -346,10 +347,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pp-schedule",
-        choices=tuple(PIPELINE_SCHEDULES),
-        default="dualpipev",
-        help="pipeline schedule: dualpipev/zbv place two stages per rank in a V (embedding, head and MTP "
-        "layer on rank 0); gpipe/1f1b one per rank, interleaved1f1b two, looped",
+        choices=tuple(SCHEDULES),
+        default=DEFAULT_SCHEDULE,
+        help=f"pipeline schedule; pretrain runs {', '.join(RUNNABLE)}: dualpipev/zbv place two stages per rank in a V "
+        "(embedding, head and MTP layer on rank 0); gpipe/1f1b one per rank, interleaved1f1b two, looped "
+        "(zb1p and dualpipe are planned on paper only, by plan --train)",
     )
     p.add_argument(
         "--pp-overlap",
@@ -501,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training layouts (--train): per-rank memory and pipeline bubble on paper")
     t.add_argument("--train", action="store_true", help="plan a training layout instead of an inference placement")
     t.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
-    t.add_argument("--pp-schedule", choices=("1f1b", "zb1p", "dualpipe", "dualpipev"), default="1f1b")
+    t.add_argument(
+        "--pp-schedule", choices=tuple(SCHEDULES), default=DEFAULT_SCHEDULE, help="the pipeline schedule to plan"
+    )
     t.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (taken from the data-parallel ones)")
     t.add_argument("--dp", type=int, default=1, help="data-parallel ranks")
     t.add_argument("--micro-batches", type=int, default=32, help="micro-batches per step and pipeline")

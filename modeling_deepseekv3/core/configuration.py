@@ -40,9 +40,6 @@ MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
 LATENT_CACHE_FORMATS = ("dtype", "fp8", "fp8_plain")
 # earlier name of "dtype" (it chose nothing): configs saved with it still load, as "dtype"
 _LATENT_CACHE_FORMAT_ALIASES = {"auto": "dtype"}
-# ``pretrain --pp-schedule``: schedule -> placement of its stages (``distributed/pipeline.py``): "v" two per rank in
-# a V, "single" one per rank, "loop" two per rank, looped
-PIPELINE_SCHEDULES = {"dualpipev": "v", "zbv": "v", "gpipe": "single", "1f1b": "single", "interleaved1f1b": "loop"}
 
 _SUPPORTED_SCORING = ("sigmoid",)
 _SUPPORTED_TOPK = ("noaux_tc",)

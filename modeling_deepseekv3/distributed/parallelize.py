@@ -24,6 +24,7 @@ from .data_parallel import apply_data_parallel, full_state_dict
 from .expert_parallel import apply_expert_parallel, replicated_parameters, sync_gradients
 from .layout import Layout, mean_over_ranks
 from .pipeline import PipelineTrainer
+from .schedules import DEFAULT_SCHEDULE
 
 __all__ = ["ParallelModel", "parallelize"]
 
@@ -96,7 +97,7 @@ def parallelize(
     global_batch_size: int,
     micro_batch_size: int,
     fp8: bool = False,
-    pp_schedule: str = "dualpipev",
+    pp_schedule: str = DEFAULT_SCHEDULE,
     pp_overlap: bool = False,
     seq_len: int | None = None,
 ) -> ParallelModel:

@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.configuration import PIPELINE_SCHEDULES
 from ..core.model import total_loss
+from .schedules import RUNNABLE, schedule_named
 
 __all__ = [
     "SCHEDULES",
@@ -52,23 +52,32 @@ __all__ = [
     "PipelineTrainer",
     "num_stages",
     "stage_ids",
+    "torch_schedule",
 ]
 
-SCHEDULES = PIPELINE_SCHEDULES  # schedule -> placement of the stages (module docstring)
+SCHEDULES = RUNNABLE  # what pretrain runs; the whole vocabulary, with placements, is .schedules.SCHEDULES
 
 
 def stage_ids(schedule: str, pp: int, pp_rank: int) -> tuple[int, ...]:
-    """The stages pipeline rank ``pp_rank`` holds under ``schedule`` (``SCHEDULES``)."""
-    kind = SCHEDULES[schedule]
-    if kind == "single":
-        return (pp_rank,)
-    if kind == "loop":
-        return (pp_rank, pp_rank + pp)
-    return (pp_rank, 2 * pp - 1 - pp_rank)
+    """The stages pipeline rank ``pp_rank`` holds under ``schedule``."""
+    return schedule_named(schedule).stage_ids(pp, pp_rank)
 
 
 def num_stages(schedule: str, pp: int) -> int:
-    return pp if SCHEDULES[schedule] == "single" else 2 * pp
+    return schedule_named(schedule).num_stages(pp)
+
+
+def torch_schedule(name: str) -> type:
+    """The ``torch.distributed.pipelining`` class that runs schedule ``name`` (one of :data:`SCHEDULES`)."""
+    from torch.distributed import pipelining
+
+    return {
+        "dualpipev": pipelining.schedules.ScheduleDualPipeV,
+        "zbv": pipelining.schedules.ScheduleZBVZeroBubble,
+        "gpipe": pipelining.ScheduleGPipe,
+        "1f1b": pipelining.Schedule1F1B,
+        "interleaved1f1b": pipelining.ScheduleInterleaved1F1B,
+    }[name]
 
 
 class PipelineError(ValueError):
@@ -146,8 +155,10 @@ class PipelineTrainer:
         from torch.distributed import pipelining
         from torch.distributed.pipelining import PipelineStage
 
-        if schedule not in SCHEDULES:
-            raise PipelineError(f"--pp-schedule {schedule}: choose one of {', '.join(SCHEDULES)}.")
+        try:
+            placement = schedule_named(schedule, to_run=True).placement
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
         if overlap and schedule != "dualpipev":
             raise PipelineError(
                 f"--pp-overlap runs DualPipeV's overlapped forward+backward pairs; --pp-schedule "
@@ -225,14 +236,8 @@ class PipelineTrainer:
         if timeline:
             for st in pipe_stages:
                 _record_actions(st, self.timeline)
-        cls = {
-            "dualpipev": pipelining.schedules.ScheduleDualPipeV,
-            "zbv": pipelining.schedules.ScheduleZBVZeroBubble,
-            "gpipe": pipelining.ScheduleGPipe,
-            "1f1b": pipelining.Schedule1F1B,
-            "interleaved1f1b": pipelining.ScheduleInterleaved1F1B,
-        }[schedule]
-        target = pipe_stages if SCHEDULES[schedule] != "single" else pipe_stages[0]
+        cls = torch_schedule(schedule)
+        target = pipe_stages if placement != "single" else pipe_stages[0]
         self.schedule = cls(target, n_microbatches=micro_batches, loss_fn=self._loss, scale_grads=False)
         if overlap:
             from torch.distributed.pipelining.schedules import _ComputationType

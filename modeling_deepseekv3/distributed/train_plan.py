@@ -11,28 +11,23 @@ Conventions (DeepSeek-V3 report §3.2-3.3, DualPipe's README table):
   times. ZeRO-1 (the report's choice) shards optimizer states over the replicas of each parameter.
 * Bytes per parameter: BF16 weights (2), FP32 gradients (4, the report keeps them for accumulation), FP32
   master weights (4) and AdamW moments (2 x 4, or 2 x 2 with BF16 moments as in the report).
-* Stages: ``1f1b`` and ``zb1p`` use ``pp`` stages, one per rank; ``dualpipe`` holds two stages per rank (rank r
-  runs stages r and pp-1-r of a ``pp``-stage model in both directions: 2x parameters); ``dualpipev`` splits the
-  model into ``2 pp`` stages in a V (rank r holds stages r and 2pp-1-r: stage 0 and the head share rank 0).
-  Layers are split evenly; the embedding joins stage 0, the final norm, head and MTP layer the last stage.
-* Activations in flight per rank, in micro-batches of one stage (DualPipe's table): 1F1B / ZB1P ``PP``;
-  DualPipe ``PP + 1``; DualPipeV ``PP + 1`` with ``PP`` its stage count ``2 pp``. Saved bytes per token per
-  layer are counted from the tensors each block keeps for backward (inputs of every linear, attention
-  output and softmax statistics, SwiGLU gate/up outputs per routed assignment), BF16; with ``fp8`` the linear
-  inputs (and the SwiGLU inputs) are cached in FP8 (1 byte), and with ``recompute`` MLA's up-projected q/k/v and
-  the SwiGLU outputs are recomputed instead of stored, as the report does. An estimate, not a measurement.
-* Bubble, in units of one stage's forward F (B = 2F, W = F, F&B = F + B: no credit for overlap, which is
-  what DualPipe's overlap recovers): 1F1B ``(PP-1)(F+B)``; ZB1P ``(PP-1)(F+B-2W)``; DualPipe and DualPipeV
-  ``(PP/2-1)(F&B+B-3W)``.
+* Stages, activations in flight and the bubble come from the schedule (:mod:`.schedules`, the vocabulary
+  ``pretrain --pp-schedule`` shares, with each figure's source). Layers are split evenly over the stages; the
+  embedding joins stage 0, the final norm, head and MTP layer the last stage.
+* Saved bytes per token per layer are counted from the tensors each block keeps for backward (inputs of every
+  linear, attention output and softmax statistics, SwiGLU gate/up outputs per routed assignment), BF16; with
+  ``fp8`` the linear inputs (and the SwiGLU inputs) are cached in FP8 (1 byte), and with ``recompute`` MLA's
+  up-projected q/k/v and the SwiGLU outputs are recomputed instead of stored, as the report does. An estimate,
+  not a measurement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SCHEDULES", "TrainLayout", "TrainPlan", "TrainPlanError", "parameter_counts", "plan_training"]
+from .schedules import DEFAULT_SCHEDULE, SCHEDULES
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+__all__ = ["SCHEDULES", "TrainLayout", "TrainPlan", "TrainPlanError", "parameter_counts", "plan_training"]
 GiB = 2**30
 
 
@@ -121,7 +116,7 @@ class TrainLayout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
-    schedule: str = "1f1b"
+    schedule: str = DEFAULT_SCHEDULE
     micro_batches: int = 1
     micro_batch_size: int = 1
     seq_len: int = 4096
@@ -203,7 +198,8 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
         raise TrainPlanError(
             f"--pp-schedule dualpipe needs an even --pp (got {lay.pp}): ranks pair up in both directions."
         )
-    stages = 2 * lay.pp if lay.schedule == "dualpipev" else lay.pp
+    sched = SCHEDULES[lay.schedule]
+    stages = sched.num_stages(lay.pp)
     if c.num_hidden_layers < stages:
         raise TrainPlanError(f"{c.num_hidden_layers} layers cannot fill {stages} pipeline stages; lower --pp.")
     if lay.micro_batches < stages:
@@ -232,17 +228,10 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
             experts += n * mtp_experts
         return dense, experts
 
-    def rank_stages(r: int) -> list[int]:
-        if lay.schedule == "dualpipev":
-            return [r, 2 * lay.pp - 1 - r]
-        if lay.schedule == "dualpipe":
-            return [r, lay.pp - 1 - r]
-        return [r]
-
     best = None
     for r in range(lay.pp):
-        d = sum(stage_params(s)[0] for s in rank_stages(r))
-        e = sum(stage_params(s)[1] for s in rank_stages(r)) / lay.ep
+        d = sum(stage_params(s)[0] for s in sched.stage_ids(lay.pp, r))
+        e = sum(stage_params(s)[1] for s in sched.stage_ids(lay.pp, r)) / lay.ep
         if best is None or d + e > best[0] + best[1]:
             best = (d, e, r)
     dense, experts, _ = best
@@ -252,7 +241,7 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
     opt_experts = (4 + moments) * experts / ((lay.dp // lay.ep) if lay.zero1 else 1)
 
     # activations: micro-batches of one stage in flight, each stage = its layers' saved bytes per token
-    in_flight = {"1f1b": stages, "zb1p": stages, "dualpipe": stages + 1, "dualpipev": stages + 1}[lay.schedule]
+    in_flight = sched.in_flight(stages, lay.micro_batches)
     layer_bytes = [_saved_bytes_per_token(c, _is_moe(c, i), lay.fp8, lay.recompute) for i in range(c.num_hidden_layers)]
     stage_layers = max(per_stage)
     per_layer = max(layer_bytes)
@@ -266,16 +255,8 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
     }
     memory["total"] = sum(memory.values())
 
-    f, b, w = 1.0, 2.0, 1.0
-    fb = f + b
-    if lay.schedule == "1f1b":
-        formula, bubble = "(PP-1)(F+B)", (stages - 1) * (f + b)
-    elif lay.schedule == "zb1p":
-        formula, bubble = "(PP-1)(F+B-2W)", (stages - 1) * (f + b - 2 * w)
-    else:
-        formula, bubble = "(PP/2-1)(F&B+B-3W)", (stages / 2 - 1) * (fb + b - 3 * w)
-    # every micro-batch passes each rank once (DualPipe feeds half from each end), twice under DualPipeV's V
-    step = lay.micro_batches * (f + b) * (2 if lay.schedule == "dualpipev" else 1)
+    # every micro-batch passes each rank once (DualPipe feeds half from each end), twice with two stages per rank
+    step = lay.micro_batches * 3.0 * sched.passes_per_rank  # F + B per pass
     return TrainPlan(
         layout=lay,
         counts=counts,
@@ -284,7 +265,7 @@ def plan_training(config, layout: TrainLayout) -> TrainPlan:
         rank_params={"non_expert": int(dense), "experts": int(experts)},
         memory=memory,
         in_flight=float(in_flight),
-        bubble_formula=f"{formula} with PP={stages}",
-        bubble=bubble,
+        bubble_formula=f"{sched.bubble_formula} with PP={stages}",
+        bubble=sched.bubble(stages),
         step=step,
     )

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.remote_code import REMOTE_CODE_FILES
 from ..core.configuration import DeepseekV3Config
+from ..distributed.schedules import DEFAULT_SCHEDULE, schedule_named
 from ..fp8.training import convert_from_fp8_training, convert_to_fp8_training, fp8_training_recipe
 from .balance import expert_load_counts, track_expert_load, update_routing_bias
 from .data import (
@@ -94,7 +96,7 @@ class PretrainArgs:
     threads: int | None = None
     dp: int | None = None
     pp: int | None = None
-    pp_schedule: str = "dualpipev"
+    pp_schedule: str = DEFAULT_SCHEDULE
     pp_overlap: bool = False
     ep: int | None = None
     progress: bool = True
@@ -305,7 +307,8 @@ _INSIDE = {
     "tokenizer": re.compile(rf"^({_TOKENIZER_FILE})$"),
     "export": re.compile(
         rf"^({_TOKENIZER_FILE}|config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.tmp)?"
-        r"|model\.safetensors\.index\.json|\.convert-params\.json|\.convert\.lock)$"
+        r"|model\.safetensors\.index\.json|\.convert-params\.json|\.convert\.lock"
+        rf"|{'|'.join(map(re.escape, sorted(REMOTE_CODE_FILES)))})$"  # the trust_remote_code shims
     ),
     "checkpoints": re.compile(r"^\.?step-\d{7}(\.(partial|old)-\d+)?/(\.metadata|__\d+_\d+\.distcp|meta\.json)$"),
 }
@@ -468,14 +471,12 @@ def pretrain(args: PretrainArgs) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # before the process group: a schedule pretrain cannot run is refused on the spot
+        schedule = schedule_named(args.pp_schedule, to_run=True) if (args.pp or 1) > 1 else None
+    except ValueError as e:
+        raise PretrainError(str(e)) from None
     layout = init_layout(args.dp, args.pp, args.ep)
-    stages = 1
-    if layout.pp > 1:
-        from ..distributed.pipeline import SCHEDULES, num_stages
-
-        if args.pp_schedule not in SCHEDULES:
-            raise PretrainError(f"--pp-schedule {args.pp_schedule}: choose one of {', '.join(SCHEDULES)}.")
-        stages = num_stages(args.pp_schedule, layout.pp)
+    stages = schedule.num_stages(layout.pp) if schedule else 1
     micro = args.micro_batch_size or max(1, args.global_batch_size // (layout.data * stages))
     if micro < 1 or args.global_batch_size % (micro * layout.data):
         flag = f"--dp {layout.dp}"  # (the data-parallel ranks: also those of --ep)

@@ -41,6 +41,9 @@ def test_deepseek_v3_headline_figures():
         ("zb1p", 4, 4, 3 * 1),
         ("dualpipe", 4, 5, 1 * 2),
         ("dualpipev", 8, 9, 3 * 2),
+        ("gpipe", 4, 16, 3 * 3),  # every micro-batch's forward before the first backward
+        ("interleaved1f1b", 8, 11, 3 * 3),  # torch's warm-up (v-1)pp + 2(pp-1) + 1; Megatron's bubble / v
+        ("zbv", 8, 8, 3 * 1),  # 1F1B's memory, ZB1P's bubble over half-size stages
     ],
 )
 def test_schedules_follow_dualpipes_table(schedule, stages, in_flight, bubble):
@@ -86,13 +89,34 @@ def test_memory_terms_respond_to_their_knobs():
         ({"pp": 3, "dp": 64}, "even --pp"),
         ({"micro_batches": 8}, "fewer than the 16 stages"),
         ({"pp": 64, "schedule": "1f1b", "micro_batches": 64}, "cannot fill 64 pipeline stages"),
-        ({"schedule": "gpipe"}, "--pp-schedule must be one of"),
+        ({"schedule": "pipedream"}, "--pp-schedule must be one of"),
     ],
 )
 def test_impossible_layouts_are_refused(change, match):
     layout = {"pp": 16, "dp": 128, "ep": 64, "schedule": "dualpipe", "micro_batches": 32}
     with pytest.raises(TrainPlanError, match=match):
         plan_training(ds.DeepseekV3Config.from_pretrained(V3), TrainLayout(**{**layout, **change}))
+
+
+def test_one_schedule_vocabulary_for_pretrain_and_plan(tmp_path, capsys):
+    """plan --train plans every schedule pretrain runs (with the same stage placement) and the two torch has no
+    class for; pretrain refuses those two by name, pointing at plan --train."""
+    from modeling_deepseekv3.distributed.pipeline import torch_schedule
+    from modeling_deepseekv3.distributed.schedules import RUNNABLE, SCHEDULES
+
+    assert set(RUNNABLE) < set(SCHEDULES) and {"zb1p", "dualpipe"} == set(SCHEDULES) - set(RUNNABLE)
+    for name in RUNNABLE:
+        assert isinstance(torch_schedule(name), type)
+    config = ds.DeepseekV3Config(**{**TINY_CONFIG, "num_hidden_layers": 16})
+    for name, schedule in SCHEDULES.items():
+        plan = plan_training(config, TrainLayout(pp=4, schedule=name, micro_batches=16, seq_len=64))
+        assert plan.stages == schedule.num_stages(4) and schedule.bubble_formula in plan.bubble_formula
+    (tmp_path / "data.txt").write_text("some text " * 100)
+    argv = ["pretrain", "--model-config", "tiny", "--data", str(tmp_path / "data.txt"), "--output", str(tmp_path / "o")]
+    argv += ["--pp", "2"]
+    assert cli([*argv, "--pp-schedule", "dualpipe"]) == 2
+    err = capsys.readouterr().err
+    assert "planned on paper only" in err and "plan --train" in err and "dualpipev" in err
 
 
 def test_cli_plan_train(capsys):
