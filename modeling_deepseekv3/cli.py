@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .core.configuration import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
+from .core.options import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
 from .distributed.schedules import DEFAULT_SCHEDULE, RUNNABLE, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -274,7 +274,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    from .training.pretrain import PRESETS, PretrainArgs
+    from .training.args import PRESETS, PretrainArgs
 
     d = PretrainArgs(model_config="", data=[], output="")
     p.add_argument(

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ..fp8 import FP8_COMPUTE_MODES
+from .options import LATENT_CACHE_FORMATS, MLA_IMPLEMENTATIONS
 
 __all__ = [
     "FP8_COMPUTE_MODES",
@@ -35,9 +36,6 @@ __all__ = [
     "KimiK2Config",
 ]
 
-# Allowed values of the plugin knobs, defined here once (attention, cache, CLI and placement import them).
-MLA_IMPLEMENTATIONS = ("auto", "absorb", "expand")
-LATENT_CACHE_FORMATS = ("dtype", "fp8", "fp8_plain")
 # earlier name of "dtype" (it chose nothing): configs saved with it still load, as "dtype"
 _LATENT_CACHE_FORMAT_ALIASES = {"auto": "dtype"}
 

@@ -152,7 +152,6 @@ class PipelineTrainer:
         timeline: bool = False,
         overlap: bool = False,
     ):
-        from torch.distributed import pipelining
         from torch.distributed.pipelining import PipelineStage
 
         try:

@@ -1,34 +1,37 @@
 """Training: DeepSeek-V3's losses (balance, MTP), the aux-loss-free routing-bias update, the FP8 training recipe
 (implemented in ``fp8/training.py``), AdamW with BF16 moments, the pretraining command, Trainer callbacks.
 
-``RoutingBiasCallback`` is imported on first use (it pulls in transformers' Trainer modules).
+Each name loads its module on first use (PEP 562): the CLI reads the pretrain flags (:mod:`.args`) at start-up
+without importing torch, and ``RoutingBiasCallback`` pulls in transformers' Trainer modules only when asked for.
 """
 
-from ..core.losses import balance_loss, mtp_loss, next_token_labels
-from ..fp8.training import FP8TrainingRecipe, convert_from_fp8_training, convert_to_fp8_training
-from .balance import ExpertLoadTracker, expert_load, reset_expert_load, track_expert_load, update_routing_bias
-from .optim import AdamWBF16Moments
+from __future__ import annotations
 
-__all__ = [
-    "AdamWBF16Moments",
-    "ExpertLoadTracker",
-    "FP8TrainingRecipe",
-    "RoutingBiasCallback",
-    "balance_loss",
-    "convert_from_fp8_training",
-    "convert_to_fp8_training",
-    "expert_load",
-    "mtp_loss",
-    "next_token_labels",
-    "reset_expert_load",
-    "track_expert_load",
-    "update_routing_bias",
-]
+import importlib
+
+#: public name -> the module that defines it (relative to this package)
+_EXPORTS = {
+    "balance_loss": "..core.losses",
+    "mtp_loss": "..core.losses",
+    "next_token_labels": "..core.losses",
+    "FP8TrainingRecipe": "..fp8.training",
+    "convert_from_fp8_training": "..fp8.training",
+    "convert_to_fp8_training": "..fp8.training",
+    "ExpertLoadTracker": ".balance",
+    "expert_load": ".balance",
+    "reset_expert_load": ".balance",
+    "track_expert_load": ".balance",
+    "update_routing_bias": ".balance",
+    "AdamWBF16Moments": ".optim",
+    "RoutingBiasCallback": ".callbacks",
+}
+__all__ = sorted(_EXPORTS, key=str.lower)
 
 
 def __getattr__(name: str):
-    if name == "RoutingBiasCallback":
-        from .callbacks import RoutingBiasCallback
-
-        return RoutingBiasCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -40,8 +39,9 @@ import torch
 
 from ..checkpoint.remote_code import REMOTE_CODE_FILES
 from ..core.configuration import DeepseekV3Config
-from ..distributed.schedules import DEFAULT_SCHEDULE, schedule_named
+from ..distributed.schedules import schedule_named
 from ..fp8.training import convert_from_fp8_training, convert_to_fp8_training, fp8_training_recipe
+from .args import PRESETS, PretrainArgs
 from .balance import expert_load_counts, track_expert_load, update_routing_bias
 from .data import (
     DataError,
@@ -57,72 +57,9 @@ from .optim import AdamWBF16Moments
 
 __all__ = ["PRESETS", "PretrainArgs", "PretrainError", "load_model_config", "pretrain"]
 
-PRESETS = ("shakespeare", "tiny")
-
 
 class PretrainError(RuntimeError):
     """The run cannot go on (non-finite loss, incompatible resume, ...); the message says why and what to do."""
-
-
-@dataclass
-class PretrainArgs:
-    """The command's flags (``deepseek-v3 pretrain --help``); names are the CLI's."""
-
-    model_config: str
-    data: list[str]
-    output: str
-    tokenizer: str | None = None
-    vocab_size: int | None = None
-    seq_len: int = 256
-    global_batch_size: int = 16
-    micro_batch_size: int | None = None
-    steps: int = 1000
-    lr: float = 3e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    fp8: bool = False
-    adam_moments: str = "fp32"
-    mtp_weight: float = 0.3
-    balance_alpha: float = 1e-4
-    bias_update_rate: float = 1e-3
-    eval_data: list[str] = field(default_factory=list)
-    eval_every: int = 0
-    save_every: int = 0
-    resume: bool = False
-    log_json: str | None = None
-    threads: int | None = None
-    dp: int | None = None
-    pp: int | None = None
-    pp_schedule: str = DEFAULT_SCHEDULE
-    pp_overlap: bool = False
-    ep: int | None = None
-    progress: bool = True
-    export: bool = True
-    overwrite: bool = False
-
-    def identity(self) -> dict:
-        """What a resumed run must share with the one it continues: everything but step counts, I/O and the
-        layout (``--micro-batch-size``, ``--dp``, ``--pp``, ``--ep``, ``--threads``: another layout continues the same run, equal
-        within float rounding; the same layout continues it bit for bit)."""
-        keep = (
-            "seq_len",
-            "global_batch_size",
-            "lr",
-            "warmup_steps",
-            "min_lr_ratio",
-            "weight_decay",
-            "grad_clip",
-            "seed",
-            "fp8",
-            "adam_moments",
-            "mtp_weight",
-            "balance_alpha",
-            "bias_update_rate",
-        )
-        return {k: getattr(self, k) for k in keep}
 
 
 def load_model_config(spec: str, vocab_size: int | None = None) -> DeepseekV3Config:
