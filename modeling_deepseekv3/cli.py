@@ -42,12 +42,15 @@ def _load(args):
     return model, tok
 
 
-def _stream(model, tok, text: str, args, out=None) -> str:
-    """Generate a continuation of ``text`` (already formatted), stream it to ``out``, print a stats line."""
+def _stream(model, tok, text: str, args, out=None, special_tokens: bool = False) -> str:
+    """Generate a continuation of ``text``, stream it to ``out``, print a stats line. ``special_tokens``: let the
+    tokenizer add what it adds by default (a plain prompt: the same ids as ``pipeline()``, lm-eval and
+    ``tok(prompt)``; DeepSeek's tokenizer adds BOS, the shipped model's adds none, as in its training); False for
+    text a chat template already formatted."""
     from transformers import TextStreamer
 
     out = out or sys.stdout
-    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    enc = tok(text, add_special_tokens=special_tokens, return_tensors="pt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     streamer.on_finalized_text = lambda chunk, stream_end=False: print(
         chunk, end="" if not stream_end else "\n", file=out, flush=True
@@ -71,12 +74,16 @@ def _stream(model, tok, text: str, args, out=None) -> str:
     new = result.sequences[0, enc.input_ids.shape[1] :]
     cache = result.cache
     cache_info = ""
-    if cache is not None and hasattr(cache, "nbytes"):
-        cache_info = (
-            f", cache {cache.nbytes() / 1024:.1f} KiB for {cache.get_seq_length()} tokens "
-            f"({cache.bytes_per_token_per_layer()} B/token/layer)"
-        )
     stats = getattr(result, "mtp_stats", None)
+    if cache is not None and hasattr(cache, "nbytes"):
+        where = (  # MTP leaves the positions of rejected drafts as holes: more positions than tokens
+            f"{cache.get_seq_length()} positions, rejected drafts' holes included"
+            if stats is not None
+            else f"{cache.get_seq_length()} tokens"
+        )
+        cache_info = (
+            f", cache {cache.nbytes() / 1024:.1f} KiB for {where} ({cache.bytes_per_token_per_layer()} B/token/layer)"
+        )
     mtp_info = f", {stats.summary()}" if stats is not None else ""
     print(
         f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s{cache_info}{mtp_info}]",
@@ -92,9 +99,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             {"role": "user", "content": args.prompt}
         ]
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        _stream(model, tok, text, args)
     else:
-        text = (tok.bos_token or "") + args.prompt
-    _stream(model, tok, text, args)
+        _stream(model, tok, args.prompt, args, special_tokens=True)
     return 0
 
 
@@ -265,7 +272,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports
     final = summary.get("final", {})
     print(
-        f"trained {summary['steps']} steps, {summary['tokens']:,} tokens; final loss {final.get('loss')}"
+        f"trained {summary['steps']} steps, {summary['tokens']:,} tokens; final next-token loss "
+        f"{final.get('lm_loss', final.get('loss'))} nats/token (training objective with MTP and balance terms: "
+        f"{final.get('loss')})"
         + (f", held-out {final['eval_bits_per_byte']:.3f} bits/byte" if "eval_bits_per_byte" in final else "")
     )
     for name, path in summary.get("exports", {}).items():

@@ -335,3 +335,22 @@ def test_examples_run(script, stdin, tmp_path, tiny_fp8):
             assert "tokens/s" in proc.stdout and "with MTP" in proc.stdout and "acceptance" in proc.stdout
         else:
             assert "assistant" in proc.stdout and "[2 replies]" in proc.stdout
+
+
+def test_one_prompt_one_token_sequence_in_every_entry_point(capsys):
+    """The CLI used to put BOS before a plain prompt while pipeline(), lm-eval, the examples and the card's
+    snippet did not (the shipped model's tokenizer adds none, and training had none): the same prompt gave
+    different text. Now every route tokenizes a plain prompt as ``tok(prompt)`` does."""
+    shipped = ROOT / "models" / "shakespeare-deepseek-v3"
+    prompt = "Now is the winter of our discontent"
+    model = ds.DeepseekV3ForCausalLM.from_pretrained(shipped, dtype=torch.float32)
+    tok = ds.load_tokenizer(shipped)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    expected = tok.decode(greedy, skip_special_tokens=True)
+    piped = pipeline("text-generation", model=model, tokenizer=tok)(
+        prompt, max_new_tokens=12, do_sample=False, return_full_text=False
+    )[0]["generated_text"]
+    assert piped == expected
+    assert cli(["generate", str(shipped), "--prompt", prompt, "--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.startswith(expected)
