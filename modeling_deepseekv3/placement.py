@@ -121,6 +121,11 @@ def placement_units(config: DeepseekV3PluginConfig, dtype: torch.dtype = torch.b
     return units
 
 
+def _size(n: int) -> str:
+    """Bytes in GiB, or MiB below one GiB (a small model's plan would read 0.01)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def _layer_of(unit: str) -> int | None:
     m = re.match(r"^model\.layers\.(\d+)(\.|$)", unit)
     return int(m.group(1)) if m else None
@@ -137,6 +142,8 @@ class Placement:
     unplaced: dict[str, int] = field(default_factory=dict)
     strategy: str = "experts"
     notes: list[str] = field(default_factory=list)
+    gpu_headroom: float = 0.0  # the share of each GPU's max_memory kept free (not in ``budget``)
+    fp8: bool = False  # the checkpoint's weights are FP8 (1 byte/param) already
 
     @property
     def fits(self) -> bool:
@@ -149,9 +156,11 @@ class Placement:
         for dev in self.budget:
             used = self.weights.get(dev, 0) + self.cache.get(dev, 0)
             budget = self.budget[dev]
+            cells = (self.weights.get(dev, 0), self.cache.get(dev, 0), budget, budget - used)
+            lines.append(f"  {dev!s:8s} " + " ".join(f"{_size(b):>{w}s}" for b, w in zip(cells, (11, 13, 11, 11))))
+        if self.gpu_headroom and any(isinstance(d, int) for d in self.budget):
             lines.append(
-                f"  {dev!s:8s} {self.weights.get(dev, 0) / GiB:9.2f} G {self.cache.get(dev, 0) / GiB:11.2f} G "
-                f"{budget / GiB:9.2f} G {(budget - used) / GiB:9.2f} G"
+                f"  (GPU budgets are max_memory less {self.gpu_headroom:.0%} kept free for activations: gpu_headroom)"
             )
         experts = [u for u, d in self.device_map.items() if _EXPERT.match(u)]
         if experts:
@@ -171,7 +180,11 @@ class Placement:
             lines.append(
                 "  the cpu budget, add GPUs, lower context_tokens or use latent_cache_format='fp8' (-43% cache),"
             )
-            lines.append("  load_mtp=False (drops the MTP layer), or keep the checkpoint in FP8 (1 byte/param).")
+            lines.append(
+                "  or load_mtp=False (drops the MTP layer)."
+                if self.fp8
+                else "  load_mtp=False (drops the MTP layer), or keep the checkpoint in FP8 (1 byte/param)."
+            )
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -264,7 +277,9 @@ def plan_placement(
     notes = []
     if strategy == "cpu-experts" and gpus and "cpu" not in budget:
         notes.append("note: 'cpu-experts' without a 'cpu' budget sends the experts to disk.")
-    return Placement(device_map, {d: used[d] for d in order}, cache, budget, unplaced, strategy, notes)
+    return Placement(
+        device_map, {d: used[d] for d in order}, cache, budget, unplaced, strategy, notes, gpu_headroom, config.is_fp8
+    )
 
 
 def _place_contiguous(unit_names, sizes, gpus, order, put, cache_per_layer) -> None:

@@ -185,3 +185,15 @@ def test_experts_compute_on_their_own_gpu(tiny_fp8):
     ids = input_ids(1, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(ids.cuda()).logits.cpu(), reference(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_plan_report_units_headroom_and_advice():
+    """One unit family (GiB, MiB below one GiB), the GPU headroom stated, and no advice to convert to FP8 a
+    checkpoint that is FP8 already."""
+    plan = ds.plan_placement(HUB / "deepseek-v3", {0: "80GiB", 1: "80GiB"}, strategy="experts")
+    report = plan.report()
+    assert not plan.fits and " G " not in report and "GiB" in report
+    assert "less 5% kept free for activations" in report
+    assert "keep the checkpoint in FP8" not in report  # hub_config/deepseek-v3 is the FP8 release
+    small = ds.plan_placement(ROOT / "models" / "shakespeare-deepseek-v3", {"cpu": "1GiB"}).report()
+    assert "MiB" in small and "0.0 G" not in small and "kept free" not in small  # no GPU, no headroom line
