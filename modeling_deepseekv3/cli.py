@@ -8,6 +8,7 @@ Subcommands:
   plan              plan a device map (GPUs / CPU / disk, expert granularity) and print a fit report
   install-hub-files put the trust_remote_code shims into a checkout (originals kept as *.orig)
   pretrain          train a DeepSeek-V3-architecture model from text (MTP, balance loss, bias update)
+  serve             serve a checkpoint over an OpenAI-compatible HTTP API (transformers serve, our classes)
 """
 
 from __future__ import annotations
@@ -216,6 +217,12 @@ def _cmd_install_hub_files(args: argparse.Namespace) -> int:
         os.replace(tmp, dest)  # replaces a symlink, never writes through it
         print(f"wrote {dest}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .integrations.serve import serve  # needs transformers' serving extras, and says so
+
+    return serve(args.dir, args.serve_args)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -550,6 +557,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pretrain_args(p)
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible HTTP API (transformers serve)",
+        description=(
+            "Run transformers' own server (transformers serve: /v1/chat/completions, /v1/completions, /v1/responses, "
+            "/v1/models, /health) on DIR with this package's model classes, FP8 weights kept as FP8, in every process "
+            "it starts. Everything after DIR is a transformers serve option, passed through unchanged; --host defaults "
+            "to 127.0.0.1 (loopback only). Needs transformers' serving extras: pip install 'transformers[serving]'."
+        ),
+        epilog="Options: deepseek-v3 serve DIR --help.  Example: deepseek-v3 serve DIR --port 8000 --device cpu",
+    )
+    p.add_argument("dir", help="checkpoint directory (config.json, safetensors weights, tokenizer files)")
+    p.add_argument(
+        "serve_args",
+        nargs=argparse.REMAINDER,
+        metavar="OPTIONS",
+        help="transformers serve's options (--host, --port, --device, --dtype, ...), after DIR",
+    )
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
