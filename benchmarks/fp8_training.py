@@ -162,7 +162,10 @@ def train(args, fp8: bool) -> tuple[list[float], float]:
     return [r["lm_loss"] for r in log], seconds / args.steps
 
 
-def smooth(values, window=25):
+SMOOTHING = 25  # steps in the trailing mean the plot's bold lines and the "final" figures use
+
+
+def smooth(values, window=SMOOTHING):
     return [
         sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
         for i in range(len(values))
@@ -192,15 +195,20 @@ def bench_parity(args):
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     steps = range(1, len(fp32) + 1)
-    ax.plot(steps, fp32, lw=0.6, alpha=0.35, color="C0")
-    ax.plot(steps, fp8, lw=0.6, alpha=0.35, color="C1")
-    ax.plot(steps, smooth(fp32), color="C0", label=f"fp32 (final {a:.3f})")
-    ax.plot(steps, smooth(fp8), color="C1", label=f"FP8 recipe, emulated (final {b:.3f}, {(b - a) / a * 100:+.2f}%)")
+    ax.plot(steps, fp32, lw=0.6, alpha=0.35, color="C0", label="fp32, each step")
+    ax.plot(steps, fp8, lw=0.6, alpha=0.35, color="C1", label="FP8 recipe, each step")
+    ax.plot(steps, smooth(fp32), color="C0", label=f"fp32, {SMOOTHING}-step trailing mean (final {a:.3f})")
+    ax.plot(
+        steps,
+        smooth(fp8),
+        color="C1",
+        label=f"FP8 recipe, emulated, {SMOOTHING}-step trailing mean (final {b:.3f}, {(b - a) / a * 100:+.2f}%)",
+    )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_title("DeepSeek-V3 FP8 training recipe vs fp32, same model/data/seed")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot)
     print(f"  plot: {args.plot}")

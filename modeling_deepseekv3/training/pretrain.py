@@ -587,7 +587,14 @@ def pretrain(args: PretrainArgs) -> dict:
             summary["exports"] = export(plain, tok, out, config)
             from .report import write_loss_curve, write_model_card
 
-            summary["loss_curve"] = write_loss_curve(history, out / "loss_curve.png")
+            n_params = sum(p.numel() for p in {id(p): p for p in plain.parameters()}.values())
+            summary["loss_curve"] = write_loss_curve(
+                history,
+                out / "loss_curve.png",
+                title=f"Pretraining a {n_params / 1e6:.1f}M-parameter DeepSeek-V3: {tokens_seen / 1e6:.1f}M tokens",
+                held_out=", ".join(Path(f).name for f in eval_files) or None,
+                mtp_weight=args.mtp_weight,
+            )
             write_model_card(out, args, config, summary, plain)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     layout.barrier()

@@ -11,8 +11,11 @@ __all__ = ["CARD_TITLE", "is_model_card", "write_loss_curve", "write_model_card"
 CARD_TITLE = "# A DeepSeek-V3 in miniature, pretrained with `deepseek-v3 pretrain`"
 
 
-def write_loss_curve(history: list[dict], path: Path) -> str | None:
-    """Train (LM and MTP) and eval loss against steps; None (and nothing written) without matplotlib."""
+def write_loss_curve(
+    history: list[dict], path: Path, title: str = "Pretraining loss", held_out: str | None = None, mtp_weight=None
+) -> str | None:
+    """Train (LM and MTP) and held-out loss against steps, titled, the held-out text named and its last
+    bits/byte (the card's unit) in the legend; None (and nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -21,17 +24,27 @@ def write_loss_curve(history: list[dict], path: Path) -> str | None:
     except ImportError:
         return None
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(steps, [h["lm_loss"] for h in history], lw=0.8, alpha=0.8, label="train: next-token loss")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    ax.plot(steps, [h["lm_loss"] for h in history], lw=0.8, alpha=0.8, label="train: next-token loss (token i+1)")
     if any(h.get("mtp_loss") for h in history):
-        ax.plot(steps, [h["mtp_loss"] for h in history], lw=0.8, alpha=0.6, label="train: MTP loss (token i+2)")
+        weight = f", weight {mtp_weight:g}" if mtp_weight is not None else ""
+        ax.plot(
+            steps,
+            [h["mtp_loss"] for h in history],
+            lw=0.8,
+            alpha=0.6,
+            label=f"train: MTP loss (token i+2{weight}): it also sees token i+1 and adds a layer, so it may sit lower",
+        )
     evals = [h for h in history if "eval_loss" in h]
     if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", ms=3, label="held-out loss")
+        last = evals[-1].get("eval_bits_per_byte")
+        label = f"held-out loss ({held_out or 'held-out text'})" + (f"; last {last:.3f} bits/byte" if last else "")
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", ms=3, label=label)
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -95,7 +108,11 @@ def write_model_card(out: Path, args, config, summary: dict, model) -> Path:
         "",
         "## Files",
         "- `bf16/`: official layout, BF16; `fp8/`: official FP8 layout (128x128 blocks, `weight_scale_inv`).",
-        "  Both load with `modeling_deepseekv3.DeepseekV3ForCausalLM.from_pretrained` and transformers-native.",
+        "  Both load with `modeling_deepseekv3.DeepseekV3ForCausalLM.from_pretrained`, and with any Auto class given",
+        "  `trust_remote_code=True` (their `auto_map` names this package). transformers-native loads `bf16/`; its FP8",
+        "  loader cannot read `fp8/` on CPU (a partial 128-block, as in the official V3), so give native the BF16 copy.",
+        f"- Evaluate with the training window: lm-eval `--model_args pretrained=DIR,trust_remote_code=True,max_length="
+        f"{args.seq_len}` (its default window, `max_position_embeddings`, scores text the model never saw in one piece).",
         "- `checkpoints/`: training state (torch.distributed.checkpoint) for `--resume`.",
         "",
     ]
