@@ -6,7 +6,7 @@ Subcommands:
   convert           FP8 <-> BF16 conversion of an official-layout checkpoint, shard by shard, resumable
   make-tiny         write a small random checkpoint in the exact official layout
   plan              plan a device map (GPUs / CPU / disk, expert granularity) and print a fit report
-  install-hub-files put the trust_remote_code shims into a checkout (originals kept as *.orig)
+  install-hub-files add the trust_remote_code auto_map and shims to a checkout (originals kept as *.orig)
   pretrain          train a DeepSeek-V3-architecture model from text (MTP, balance loss, bias update)
   serve             serve a checkpoint over an OpenAI-compatible HTTP API (transformers serve, our classes)
 """
@@ -197,25 +197,16 @@ def _cmd_plan_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_install_hub_files(args: argparse.Namespace) -> int:
-    from importlib import resources
+    from .checkpoint.remote_code import RemoteCodeError, install_refusal, stamp_remote_code
 
-    target = Path(args.dir)
-    if not (target / "config.json").is_file():
-        raise FileNotFoundError(f"{target} has no config.json; point at a checkpoint directory.")
-    for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
-        shim = (resources.files("modeling_deepseekv3.hub_files") / name).read_bytes()
-        dest = target / name
-        backup = target / (name + ".orig")
-        if (dest.exists() or dest.is_symlink()) and not (backup.exists() or backup.is_symlink()):
-            if dest.read_bytes() != shim:  # never keep our own shim as the "original"
-                # a Hugging Face cache snapshot holds symlinks into blobs/ shared by other snapshots: move the
-                # link itself aside (no copy, the blob untouched)
-                os.replace(dest, backup)
-                print(f"kept the original as {backup}")
-        tmp = target / f".{name}.tmp-{os.getpid()}"
-        tmp.write_bytes(shim)
-        os.replace(tmp, dest)  # replaces a symlink, never writes through it
-        print(f"wrote {dest}")
+    refusal = install_refusal(args.dir, overwrite=args.overwrite)
+    if refusal is not None:  # one line, exit 2, nothing written (main's error boundary)
+        raise RemoteCodeError(refusal)
+    changes = stamp_remote_code(args.dir, overwrite=args.overwrite)
+    for line in changes:
+        print(line)
+    if not changes:
+        print(f"{args.dir} already has the auto_map and the current shims; nothing to change.")
     return 0
 
 
@@ -535,14 +526,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "install-hub-files",
-        help="add the trust_remote_code shims to a checkout",
+        help="add the trust_remote_code auto_map and shims to a checkout",
         description=(
-            "Copy configuration_deepseek.py and modeling_deepseek.py (the names the official config.json's auto_map "
-            "expects) into DIR, so from_pretrained(DIR, trust_remote_code=True) and pipeline(..., "
-            "trust_remote_code=True) use this package. DeepSeek's original files are kept as *.orig."
+            "Make DIR load with this package under trust_remote_code=True: add the official auto_map to its "
+            "config.json where it is missing and copy configuration_deepseek.py and modeling_deepseek.py (the names "
+            "that auto_map names) into it, so AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True), "
+            "pipeline(...), lm-eval and TRL given the path use this package, FP8 kept. DeepSeek's original files are "
+            "kept as *.orig; prints each change. Checkpoints this package writes already carry both. Refuses (exit 2, "
+            "nothing changed) a directory without config.json, a config of another architecture, and an auto_map "
+            "that points at other code (unless --overwrite)."
         ),
     )
     p.add_argument("dir", help="checkpoint directory holding config.json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace auto_map entries that point at other code (config.json kept as config.json.orig)",
+    )
     p.set_defaults(func=_cmd_install_hub_files)
 
     p = sub.add_parser(

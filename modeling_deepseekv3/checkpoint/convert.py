@@ -24,6 +24,7 @@ from .headers import (
     read_safetensors_header,
 )
 from .layout import checkpoint_layout
+from .remote_code import REMOTE_CODE_FILES, stamp_remote_code
 from .tiny import FP8_QUANTIZATION_CONFIG
 
 logger = logging.get_logger(__name__)
@@ -188,6 +189,7 @@ def convert_checkpoint(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2)
         )
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    stamp_remote_code(work)  # auto_map + shims: trust_remote_code tools reach this package
     publish_directory(work, dst)
     # until published, the work dir carries its params file: a copy stopped at any point never looks complete
     (dst / params_file.name).unlink()
@@ -209,7 +211,7 @@ def _prepare_work_dir(work: Path, src: Path, params: dict, overwrite: bool) -> N
     except (json.JSONDecodeError, UnicodeDecodeError):
         saved = {}
     saved = saved if isinstance(saved, dict) or saved is None else {}
-    own = {params_file.name, ".convert.lock", INDEX_NAME, "config.json"}
+    own = {params_file.name, ".convert.lock", INDEX_NAME, "config.json", *REMOTE_CODE_FILES}
     for shards in (params["source_shards"], (saved or {}).get("source_shards") or {}):
         own.update(shards)
         own.update(f"{name}.tmp" for name in shards)

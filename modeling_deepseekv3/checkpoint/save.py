@@ -10,6 +10,7 @@ import torch
 
 from .atomic import atomic_directory
 from .headers import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME
+from .remote_code import stamp_remote_code
 
 __all__ = ["official_state_dict", "save_official", "storage_dtype_for"]
 
@@ -65,5 +66,6 @@ def save_official(model, save_directory, storage_dtype, args, kwargs):
                 cfg["torch_dtype"] = dtype_name
                 cfg["dtype"] = dtype_name
                 config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+                stamp_remote_code(staging)  # auto_map + shims: trust_remote_code tools reach this package
     finally:
         model.config.dtype = saved_dtype

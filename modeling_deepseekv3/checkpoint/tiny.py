@@ -16,6 +16,7 @@ from ..fp8 import FP8_DTYPE, block_quantize
 from .atomic import atomic_directory
 from .headers import INDEX_NAME, SCALE_SUFFIX
 from .layout import TensorSpec, checkpoint_layout, mtp_layer_indices
+from .remote_code import SHIM_FILES, stamp_remote_code
 
 __all__ = ["FP8_QUANTIZATION_CONFIG", "SERVABLE_DIMS", "TINY_CONFIG", "make_tiny_checkpoint"]
 
@@ -186,6 +187,7 @@ def make_tiny_checkpoint(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        stamp_remote_code(staging)  # auto_map + shims: trust_remote_code tools reach this package
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
         if tokenizer and config.vocab_size >= 300:
             from ..integrations.tokenizer import build_tiny_tokenizer
@@ -208,6 +210,7 @@ _WRITTEN_FILES = frozenset(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "chat_template.jinja",
+        *SHIM_FILES,
     }
 )
 _SHARD_FILE = re.compile(r"model-\d+-of-\d+\.safetensors")

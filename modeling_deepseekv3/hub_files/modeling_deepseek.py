@@ -1,7 +1,10 @@
-"""``trust_remote_code`` shim: the classes the official ``auto_map`` names, from the installed
-``modeling_deepseekv3`` package (see ``configuration_deepseek.py``)."""
+"""``trust_remote_code`` shim: the model classes ``auto_map`` names, from the installed ``modeling_deepseekv3``
+package (see ``configuration_deepseek.py``).
 
-from modeling_deepseekv3 import modeling as _plugin
+They are subclasses, not the package's classes themselves: transformers marks a remote class for saving its
+source file along with the weights, and that must be this small file, never the package's modules."""
+
+import modeling_deepseekv3 as _plugin
 
 from .configuration_deepseek import DeepseekV3RemoteConfig
 
