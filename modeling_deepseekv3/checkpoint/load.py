@@ -10,6 +10,8 @@ module adds what transformers does not do for us:
   tensors, or silently cast a BF16 tensor into an FP8 parameter without any scale.
 * **Keep FP8 as FP8** after loading (transformers re-wraps loaded float8 params with
   ``requires_grad=True``) and optionally dequantize (``dequantize_fp8=True``).
+* **Check loaded values** (scales, router bias and weight, norms), those Accelerate's device maps offloaded to
+  disk included: they are read from the offload store, where the forward will read them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "check_checkpoint_against_model",
+    "check_dequantize_with_offload",
     "check_loaded_values",
     "prepare_from_pretrained",
     "report_fp8_backend",
@@ -298,36 +301,89 @@ def report_fp8_backend(model) -> None:
     logger.info("FP8 compute (fp8_compute=%r): %s; model.fp8_backend() lists them.", model.config.fp8_compute, summary)
 
 
+def _offload_store(module):
+    """The weights map of Accelerate's offload hook on ``module`` (``device_map`` with ``"disk"``, or ``"cpu"``
+    beside accelerators), or None. Offloaded tensors sit on the meta device; this map is where the hook reads
+    them from before each forward (the checkpoint's own shard, or ``offload_folder``)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook holds several
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h.weights_map
+    return None
+
+
+def _loaded_value(module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` as the forward will see it: the resident tensor, or for an offloaded (meta) one its value
+    read from the offload store -- one small tensor at a time, the read each forward does anyway. None only for a
+    meta tensor no hook can supply (a skeleton that was never loaded): nothing to check there."""
+    tensor = getattr(module, name)
+    if not tensor.is_meta:
+        return tensor
+    store = _offload_store(module)
+    if store is None:
+        return None
+    try:
+        return store[name]
+    except KeyError:
+        return None
+
+
 def check_loaded_values(model) -> None:
     """Values that load fine and give plausible but wrong logits: FP8 block scales that are zero, negative or
     not finite, a non-finite router bias (both refused, naming the tensor); non-finite norms or router weights
-    (warned). Only the small tensors are read: scales are 1/16384 of the weights."""
+    (warned). Only the small tensors are read: scales are 1/16384 of the weights.
+
+    Tensors Accelerate offloaded (``device_map`` with ``"disk"``: meta tensors plus a hook) are checked too, read
+    from the offload store the hook will read them from: a corrupt shard fails here, not as NaN logits later. Runs
+    just before ``dequantize_fp8`` is applied, so it also refuses that option on offloaded FP8 weights
+    (:func:`check_dequantize_with_offload`)."""
     from ..core.moe import TopkRouter
     from ..fp8 import FP8Linear
 
+    check_dequantize_with_offload(model)
+
+    def finite(module, tensor_name: str, positive: bool = False) -> bool:
+        value = _loaded_value(module, tensor_name)
+        return value is None or bool(torch.isfinite(value).all() and (not positive or (value > 0).all()))
+
     nonfinite = []
     for name, module in model.named_modules():
-        if isinstance(module, FP8Linear) and not module.weight_scale_inv.is_meta:
-            s = module.weight_scale_inv
-            if not bool(torch.isfinite(s).all() and (s > 0).all()):
+        if isinstance(module, FP8Linear):
+            if not finite(module, "weight_scale_inv", positive=True):
                 raise CheckpointError(
                     f"{name}.weight_scale_inv holds zero, negative or non-finite block scales: the FP8 weights would "
                     "decode to wrong values. The shard is corrupt; re-download it."
                 )
-        elif isinstance(module, TopkRouter) and not module.e_score_correction_bias.is_meta:
-            if not bool(torch.isfinite(module.e_score_correction_bias).all()):
+        elif isinstance(module, TopkRouter):
+            if not finite(module, "e_score_correction_bias"):
                 raise CheckpointError(
                     f"{name}.e_score_correction_bias is not finite: expert selection would be arbitrary. The shard is "
                     "corrupt; re-download it."
                 )
-            if not bool(torch.isfinite(module.weight).all()):
+            if not finite(module, "weight"):
                 nonfinite.append(f"{name}.weight")
-        elif name.endswith("norm") and hasattr(module, "weight") and not module.weight.is_meta:
-            if not bool(torch.isfinite(module.weight).all()):
+        elif name.endswith("norm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            if not finite(module, "weight"):
                 nonfinite.append(f"{name}.weight")
     if nonfinite:
         logger.warning(
             "non-finite values in %d tensors (e.g. %s): outputs will be NaN. The checkpoint is corrupt.",
             len(nonfinite),
             nonfinite[0],
+        )
+
+
+def check_dequantize_with_offload(model) -> None:
+    """``dequantize_fp8=True`` swaps every FP8 linear for a dense one. One whose weights Accelerate offloaded (meta,
+    read from the shard as FP8 by a hook at each forward) would become a dense layer of meta weights that nothing
+    fills: refused here, before the swap, instead of failing at the first forward."""
+    if not (model.config.dequantize_fp8 and model.config.is_fp8):
+        return
+    offloaded = [name for name, module in model.fp8_modules().items() if module.weight.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"dequantize_fp8=True cannot dequantize the {len(offloaded)} FP8 linears the device map offloaded (e.g. "
+            f"{offloaded[0]!r}): their FP8 weights stay where they were offloaded and are read at each forward. "
+            "Load without dequantize_fp8 (offloaded FP8 layers compute in the model's dtype), give max_memory room "
+            "for every weight, or offload a BF16 copy (`deepseek-v3 convert --to bf16`)."
         )

@@ -16,6 +16,8 @@ What this module fixes or adds, on top of plain PEFT:
   layout. ``unmerge`` restores the exact original FP8 bytes. Plain PEFT picks this layer by itself for
   every FP8 target (:func:`dispatch_fp8`, installed into PEFT's dispatch by ``peft_hook.py`` when an FP8
   model is built), so unchanged LoRA scripts work on the official checkpoints.
+* **``target_modules="all-linear"``** reaches the FP8 layers (:func:`complete_all_linear`, called from PEFT's
+  own resolution by ``peft_hook.py``): the same targets as on a BF16 copy, both output heads left alone.
 * :func:`lora_config` builds a config for a scope: ``"attention"``, ``"experts"`` (routed experts only),
   ``"mlp"`` (dense, shared and routed), ``"all"``.
 
@@ -34,11 +36,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("LoRA support needs PEFT: pip install 'modeling_deepseekv3[peft]'  (peft>=0.21,<0.22)") from exc
 
+from ..core.mtp import SharedHead
 from ..fp8 import FP8Linear, block_dequantize
 
 __all__ = [
     "LORA_SCOPES",
     "FP8LoraLinear",
+    "complete_all_linear",
     "dispatch_fp8",
     "load_lora",
     "lora_config",
@@ -79,6 +83,40 @@ def dispatch_fp8(target, adapter_name: str, config: LoraConfig, **kwargs):
     if config._custom_modules and any(isinstance(base, key) for key in config._custom_modules):
         return None
     return FP8LoraLinear(target, adapter_name, config=config, **kwargs)
+
+
+def complete_all_linear(peft_config, model) -> None:
+    """Finish PEFT's expansion of ``target_modules="all-linear"`` (``peft_config.target_modules`` now holds PEFT's
+    set of names: every ``nn.Linear``/``Conv1D`` but the output embedding) for FP8 layers and MTP heads.
+
+    * Every :class:`FP8Linear` is added for LoRA, the one PEFT type with an FP8 layer (:func:`dispatch_fp8`). They
+      are the decoder's projections -- attention, dense MLPs, shared and routed experts -- which a BF16 model has
+      as ``nn.Linear``: without them "all-linear" on an FP8 model adapted nothing the model runs. An FP8Linear
+      inside an adapter layer (the ``base_layer`` of an earlier adapter) is not added, as PEFT does for its own.
+      Other PEFT types cannot wrap FP8Linear: a warning says how many layers "all-linear" leaves out for them.
+    * Every MTP ``shared_head.head`` is removed: an output head like ``lm_head`` (a copy of it, vocabulary-wide),
+      which PEFT excludes only as ``get_output_embeddings()``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import PeftType
+
+    names = set(peft_config.target_modules)
+    adapters = [n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    fp8 = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, FP8Linear) and not any(n.startswith(prefix) for prefix in adapters)
+    }
+    if peft_config.peft_type == PeftType.LORA:
+        names |= fp8
+    elif fp8 - names:
+        warnings.warn(
+            f"target_modules='all-linear' with {peft_config.peft_type.value}: {len(fp8 - names)} FP8 linears "
+            "(attention, MLPs, experts) are left out, as this PEFT method has no layer for FP8 weights; only LoRA "
+            "does. Use LoraConfig, or load with dequantize_fp8=True for a dense model.",
+            stacklevel=4,
+        )
+    heads = {f"{n}.head" if n else "head" for n, m in model.named_modules() if isinstance(m, SharedHead)}
+    peft_config.target_modules = names - heads
 
 
 def register_fp8_lora(config: LoraConfig) -> LoraConfig:
