@@ -8,53 +8,44 @@ other light entry points start in well under a second.
 # ruff: noqa: F401  (the TYPE_CHECKING block at the end re-exports, for static tools, what __getattr__ loads)
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "CheckpointError": "checkpoint",
-    "checkpoint_layout": "checkpoint",
-    "convert_checkpoint": "checkpoint",
-    "make_tiny_checkpoint": "checkpoint",
-    "LatentCache": "core.cache",
-    "StaticLatentCache": "core.cache",
-    "DeepseekV3Config": "core.configuration",
-    "DeepseekV3PluginConfig": "core.configuration",
-    "KimiK2Config": "core.configuration",
-    "FP8Linear": "fp8",
-    "block_dequantize": "fp8",
-    "block_quantize": "fp8",
-    "build_tiny_tokenizer": "integrations.tokenizer",
-    "deepseek_v3_tokenizer": "integrations.tokenizer",
-    "load_tokenizer": "integrations.tokenizer",
-    "DeepseekV3ForCausalLM": "modeling",
-    "DeepseekV3Model": "modeling",
-    "DeepseekV3PreTrainedModel": "modeling",
-    "KimiK2ForCausalLM": "modeling",
-    "KimiK2Model": "modeling",
-    "plan_device_map": "placement",
-    "plan_placement": "placement",
-    "register": "registration",
-    "FP8TrainingRecipe": "training",
-    "convert_to_fp8_training": "training",
+    "CheckpointError": ".checkpoint",
+    "checkpoint_layout": ".checkpoint",
+    "convert_checkpoint": ".checkpoint",
+    "make_tiny_checkpoint": ".checkpoint",
+    "LatentCache": ".core.cache",
+    "StaticLatentCache": ".core.cache",
+    "DeepseekV3Config": ".core.configuration",
+    "DeepseekV3PluginConfig": ".core.configuration",
+    "KimiK2Config": ".core.configuration",
+    "FP8Linear": ".fp8",
+    "block_dequantize": ".fp8",
+    "block_quantize": ".fp8",
+    "build_tiny_tokenizer": ".integrations.tokenizer",
+    "deepseek_v3_tokenizer": ".integrations.tokenizer",
+    "load_tokenizer": ".integrations.tokenizer",
+    "DeepseekV3ForCausalLM": ".modeling",
+    "DeepseekV3Model": ".modeling",
+    "DeepseekV3PreTrainedModel": ".modeling",
+    "KimiK2ForCausalLM": ".modeling",
+    "KimiK2Model": ".modeling",
+    "plan_device_map": ".placement",
+    "plan_placement": ".placement",
+    "register": ".registration",
+    "FP8TrainingRecipe": ".training",
+    "convert_to_fp8_training": ".training",
 }
 __all__ = sorted(_EXPORTS, key=str.lower)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # what static tools and IDEs read

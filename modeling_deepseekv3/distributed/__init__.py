@@ -5,18 +5,15 @@ vocabulary, :mod:`.schedules`, at start-up): the names below load their module o
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
-    "TrainingCheckpointError": "checkpoint",
-    "latest_checkpoint": "checkpoint",
-    "load_training_state": "checkpoint",
-    "save_training_state": "checkpoint",
+    "TrainingCheckpointError": ".checkpoint",
+    "latest_checkpoint": ".checkpoint",
+    "load_training_state": ".checkpoint",
+    "save_training_state": ".checkpoint",
 }
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,7 +7,7 @@ without importing torch, and ``RoutingBiasCallback`` pulls in transformers' Trai
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 #: public name -> the module that defines it (relative to this package)
 _EXPORTS = {
@@ -28,10 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS, key=str.lower)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

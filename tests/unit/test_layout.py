@@ -179,7 +179,7 @@ def test_private_overrides_live_only_in_their_feature_files():
 #: The package's layers, bottom up: a module may import its own layer and the ones below it, never above.
 #: Entries are folders or modules (the longest match places a module).
 LAYERS = (
-    ("fp8",),
+    ("_lazy", "fp8"),  # _lazy: PEP 562 exports, imports nothing
     ("core",),
     ("checkpoint", "integrations.tokenizer"),  # make-tiny writes a tokenizer beside the weights
     ("generation", "integrations", "placement", "loading", "distributed", "hub_files"),
