@@ -5,6 +5,8 @@ and hand over with ``super()``:
 
 * :class:`~.generation.hooks.DeepseekV3GenerationMixin`: the latent cache in ``generate()``, the context limit,
   MTP speculative decoding (``use_mtp=True``);
+* :class:`~.generation.continuous_batching.ContinuousBatchingSupport`: transformers' continuous batching
+  (``generate_batch``, ``transformers serve --continuous-batching``) on the paged latent cache;
 * :class:`~.distributed.ep_inference.ExpertParallelInference`: ``distributed_config`` with ``ep_size > 1``;
 * :class:`~.loading.OfficialCheckpointLoading`: official-layout ``from_pretrained`` / ``save_pretrained`` (FP8
   kept, the checks);
@@ -22,6 +24,7 @@ from .core.decoder import DeepseekV3DecoderLayer
 from .core.model import DeepseekV3CausalLMOutput, DeepseekV3ModelOutput
 from .core.mtp import DeepseekV3MTPLayer
 from .distributed.ep_inference import ExpertParallelInference
+from .generation.continuous_batching import ContinuousBatchingSupport
 from .generation.hooks import DeepseekV3GenerationMixin
 from .integrations.peft_hook import PlainPeftSupport
 from .loading import OfficialCheckpointLoading
@@ -49,7 +52,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel, core.DeepseekV3Model):
     """Embedding, decoder layers, final norm, the MTP layer(s) when loaded (``core/model.py``)."""
 
 
-class DeepseekV3ForCausalLM(DeepseekV3GenerationMixin, DeepseekV3PreTrainedModel, core.DeepseekV3ForCausalLM):
+class DeepseekV3ForCausalLM(
+    ContinuousBatchingSupport, DeepseekV3GenerationMixin, DeepseekV3PreTrainedModel, core.DeepseekV3ForCausalLM
+):
     """``DeepseekV3Model`` + ``lm_head`` and DeepSeek-V3's objective (``core/model.py``), ``generate()`` with MTP."""
 
     base_model_class = DeepseekV3Model

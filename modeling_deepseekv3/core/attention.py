@@ -37,6 +37,7 @@ from torch import nn
 from ..fp8 import FP8Linear
 from ..fp8 import dispatch as fp8_dispatch
 from ..fp8.linear import fp8_head_matmul
+from .cache import PackedSequencesCache
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope, softmax_scale
 
@@ -259,17 +260,31 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.rope_interleave)
         latent = self.project_latent(hidden_states, cos, sin)  # (B, S, 576)
-        if cache is not None:
-            latent = latent_cache_update(cache, latent, self.layer_idx)  # (B, T, 576)
-        probs = None
-        if not output_attentions and self.choose_path(s, latent.shape[1]) == "absorb":
-            attend = self._latent_attention(q_pe, latent, attention_mask)
-            out = self.kv_b_proj(q_nope, latent_attention=attend)  # (B, H, S, v)
+        if isinstance(cache, PackedSequencesCache):  # several sequences in one row, each with its own past
+            out, probs = cache.attend(self, q_nope, q_pe, latent), None
         else:
-            eager = output_attentions or self.config._attn_implementation == "eager"
-            out, probs = self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, attention_mask, eager)
+            if cache is not None:
+                latent = latent_cache_update(cache, latent, self.layer_idx)  # (B, T, 576)
+            out, probs = self.attend(q_nope, q_pe, latent, attention_mask, output_attentions)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim)  # (B, S, H*v)
         return self.o_proj(out), probs
+
+    def attend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent: torch.Tensor,
+        mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of roped queries ``q_nope [B, H, S, nope]``, ``q_pe [B, H, S, rope]`` over the latents
+        ``[B, T, 576]`` of every visible token, by the path :meth:`choose_path` picks: ``(out [B, H, S, v],
+        probs [B, H, S, T] or None)``. ``mask`` as in :meth:`forward` (None: query ``i`` sits at ``T - S + i``)."""
+        if not output_attentions and self.choose_path(q_nope.shape[2], latent.shape[1]) == "absorb":
+            attend = self._latent_attention(q_pe, latent, mask)
+            return self.kv_b_proj(q_nope, latent_attention=attend), None  # (B, H, S, v)
+        eager = output_attentions or self.config._attn_implementation == "eager"
+        return self._attend_expanded(torch.cat((q_nope, q_pe), dim=-1), latent, mask, eager)
 
     def _attend_expanded(
         self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, eager: bool = False
@@ -321,7 +336,12 @@ class MLAttention(nn.Module):
             probs = scores.softmax(dim=-1).to(latent.dtype)
             if dropout:
                 probs = F.dropout(probs, p=dropout, training=True)
-            o_latent = torch.matmul(probs.view(b, h * s, t), latent[..., :r])  # (B, H*S, 512)
+            if latent.dtype in (torch.bfloat16, torch.float16):
+                # CPU BLAS multiplies a half-precision operand with strided rows up to 2.5x slower than a whole one
+                # (at a few heads); the 64 rope columns computed and dropped cost less.
+                o_latent = torch.matmul(probs.view(b, h * s, t), latent)[..., :r]  # (B, H*S, 512)
+            else:
+                o_latent = torch.matmul(probs.view(b, h * s, t), latent[..., :r])  # (B, H*S, 512)
             return o_latent.view(b, h, s, r)
 
         return attend

@@ -29,6 +29,7 @@ from .configuration import LATENT_CACHE_FORMATS
 __all__ = [
     "LatentCache",
     "LatentLayer",
+    "PackedSequencesCache",
     "StaticLatentCache",
     "StaticLatentLayer",
     "latent_bytes_per_token",
@@ -302,3 +303,17 @@ class StaticLatentCache(LatentCache):
         self.max_cache_len = max_cache_len
         n = num_layers if num_layers is not None else config.num_hidden_layers
         Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len, **settings) for _ in range(n)])
+
+
+class PackedSequencesCache:
+    """A cache over several sequences packed into one batch row, each with its own cached past: what continuous
+    batching runs (``generation/continuous_batching.py`` implements it over transformers' paged cache).
+
+    Only the cache knows where each sequence's tokens and cached latents lie, so the model builds no mask for it
+    (``position_ids`` are required) and each attention layer hands over its roped queries and new latents:
+    :meth:`attend` stores the latents and returns every query's attention output over its own sequence, computed by
+    the layer's :meth:`~.attention.MLAttention.attend` (the same absorbed and expanded paths as a plain cache)."""
+
+    def attend(self, module, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """``q_nope [1, H, S, nope]``, ``q_pe [1, H, S, rope]``, ``latent [1, S, 576]`` -> ``[1, H, S, v]``."""
+        raise NotImplementedError

@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from ..fp8 import FP8Linear, fp8_backends, set_fp8_compute
 from . import losses
 from .attention import MLAttention, build_attention_mask, packed_segment_ids
-from .cache import LatentCache
+from .cache import LatentCache, PackedSequencesCache
 from .configuration import DeepseekV3PluginConfig
 from .decoder import DeepseekV3DecoderLayer
 from .layers import RMSNorm
@@ -225,18 +225,22 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self._embed(input_ids)
-        if use_cache and cache is None:
-            cache = LatentCache(config=self.config)
-        if not use_cache:
-            cache = None
-
         b, s = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        kv_len = cache.get_mask_sizes(s, 0)[0] if cache is not None else s
-        segments = packed_segment_ids(position_ids, attention_mask, past, cu_seq_lens_q)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
-        mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device, segments)
+        if isinstance(cache, PackedSequencesCache):  # the cache lays the sequences out: no mask to build here
+            if position_ids is None:
+                raise ValueError("A PackedSequencesCache needs the position_ids of its packed tokens.")
+            mask = None
+        else:
+            if use_cache and cache is None:
+                cache = LatentCache(config=self.config)
+            if not use_cache:
+                cache = None
+            past = cache.get_seq_length() if cache is not None else 0
+            kv_len = cache.get_mask_sizes(s, 0)[0] if cache is not None else s
+            segments = packed_segment_ids(position_ids, attention_mask, past, cu_seq_lens_q)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
+            mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device, segments)
         position_embeddings = self.rotary_emb(position_ids)
 
         n = self.config.num_hidden_layers

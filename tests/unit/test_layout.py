@@ -149,11 +149,33 @@ def test_private_transformers_api_unchanged(feature):
     module = importlib.import_module(f"{NAME}.{feature}")
     for qualname, expected in module.PRIVATE_API.items():
         owner, method = qualname.split(".")
-        cls = getattr(transformers, owner, None) or getattr(transformers.generation.utils, owner)
-        found = tuple(inspect.signature(getattr(cls, method)).parameters)
+        found = tuple(inspect.signature(getattr(_transformers_class(owner), method)).parameters)
         assert found == expected, (
             f"transformers {transformers.__version__} changed the private {qualname}: parameters {found}, "
             f"{NAME}/{feature.replace('.', '/')}.py was written for {expected}. Update the override there."
+        )
+
+
+def _transformers_class(name):
+    from transformers.generation.continuous_batching import cache
+    from transformers.generation.continuous_batching.cache_allocators import compressed_latents
+
+    for module in (transformers, transformers.generation.utils, cache, compressed_latents):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AssertionError(f"transformers {transformers.__version__} no longer has {name}")
+
+
+def test_private_continuous_batching_api_unchanged():
+    """The paged-cache methods continuous batching calls (not overrides: they live in no other list) still take the
+    parameters ``generation/continuous_batching.py`` was written for."""
+    module = importlib.import_module(f"{NAME}.generation.continuous_batching")
+    for qualname, expected in module.PRIVATE_API.items():
+        owner, method = qualname.split(".")
+        found = tuple(inspect.signature(getattr(_transformers_class(owner), method)).parameters)
+        assert found == expected, (
+            f"transformers {transformers.__version__} changed the private {qualname}: parameters {found}, "
+            f"{NAME}/generation/continuous_batching.py was written for {expected}. Update it."
         )
 
 

@@ -1,0 +1,320 @@
+"""transformers' continuous batching (``generate_batch``, ``init_continuous_batching``, ``transformers serve
+--continuous-batching``, TRL's ``use_transformers_continuous_batching``) on the MLA latent cache.
+
+transformers' engine schedules requests into one packed row per step (prefill chunks and decode tokens mixed), keeps
+each layer's ``[c_kv ; k_pe]`` latents in its paged cache (``MLACacheAllocator``: one 576-value row per token and
+layer, pages allocated and freed as requests come and go) and calls the model with ``cache=PagedAttentionCache`` plus
+the batch layout (``cu_seq_lens_q``, per-layer-type ``cu_seq_lens_k``, ``read_index``, ``write_index``). Native
+DeepSeek-V3 re-expands every cached latent to per-head keys and values at each step and attends through one
+``[Q, K_total]`` mask over all requests. Here :class:`PagedLatentBatch` (the core's
+:class:`~..core.cache.PackedSequencesCache`) splits the row back into its requests and runs each layer's own
+:meth:`~..core.attention.MLAttention.attend` per request:
+
+* requests with a few new tokens (decode, ``q_len <= DECODE_GROUP_MAX``) are gathered, padded to the longest past,
+  into one ``[R, K_max, 576]`` batch per query length: one absorbed attention over the latents for all of them;
+* longer chunks (prefills) run one by one, each over its own past (the expanded path where it is cheaper).
+
+So every request sees exactly the tokens its own ``generate()`` would, and no work or memory scales with another
+request's length.
+
+:class:`ContinuousBatchingSupport` (mixed into the public classes in ``modeling.py``) wraps the paged cache on the
+way into ``forward`` and sizes the cache on CPU from what the user allows: transformers' default takes 90% of free
+RAM (on a 24 GiB box, 20 GiB zero-filled before the first token). The private pieces used here (the paged cache's
+``update`` with its batch kwargs, the allocator layout) are listed in ``PRIVATE_API``; ``tests/unit/test_layout.py``
+names the transformers version when they change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..core.cache import PackedSequencesCache
+
+__all__ = [
+    "CPU_BATCH_TOKENS",
+    "CPU_CACHE_BYTES",
+    "CPU_CACHE_REQUESTS",
+    "DECODE_GROUP_FILL",
+    "DECODE_GROUP_MAX",
+    "PRIVATE_API",
+    "ContinuousBatchingSupport",
+    "PagedLatentBatch",
+    "check_request",
+    "cpu_cache_blocks",
+]
+
+logger = logging.getLogger(__name__)
+
+#: transformers' private continuous-batching pieces this file relies on -> the parameters they had when written
+PRIVATE_API = {
+    "PagedAttentionCache.update": ("self", "key_states", "value_states", "layer_idx", "kwargs"),
+    "MLACacheAllocator.update": ("self", "key_states", "value_states", "layer_idx", "read_index", "write_index"),
+    "MLACacheAllocator.register_cache_tensor": ("self", "bytes_per_sector", "non_trash_bytes", "cache_tensor", "pool"),
+}
+
+#: requests with at most this many new tokens in a step are attended together, padded to the longest past
+DECODE_GROUP_MAX = 16
+
+#: a request joins a decode group while its past is at least this fraction of the group's longest
+DECODE_GROUP_FILL = 0.75
+
+#: On CPU, when the user sets neither ``num_blocks`` nor ``max_memory_percent``, the latent cache holds this many
+#: full-context requests, within ``CPU_CACHE_BYTES``; transformers' default takes 90% of the free RAM.
+CPU_CACHE_REQUESTS = 32
+CPU_CACHE_BYTES = 2 * 1024**3
+
+#: On CPU, when the user does not set ``max_batch_tokens``: the engine's batch (prefill chunks and decode tokens)
+#: per step. transformers sizes it from free memory (8192 here) and allocates, for "sdpa", a dense
+#: ``[max_batch_tokens, cache tokens + max_batch_tokens]`` mask the latent attention never reads.
+CPU_BATCH_TOKENS = 256
+
+# What the engine passes to forward besides the tokens; consumed here, never seen by the core.
+_BATCH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index")
+_DROPPED_KWARGS = ("block_table", "is_causal", "logits_processor_args", "attention_mask")
+
+
+@dataclass
+class _Group:
+    """Requests attended in one call: their query rows in the packed batch, where their latents are read from."""
+
+    query_index: torch.Tensor  # (R * q,) rows of the packed queries, request-major
+    key_index: torch.Tensor  # (R * K_max,) positions in the batch's read-back order (past, then new, per request)
+    mask: torch.Tensor | None  # (R, 1, q, K_max) True = may attend; None: plain causal over one request
+    requests: int
+    q_len: int
+
+
+class PagedLatentBatch(PackedSequencesCache):
+    """One forward's view of transformers' :class:`PagedAttentionCache`: writes each layer's new latents into its
+    pages, gathers each group of requests' latents straight from the pages, and attends per group (see the module
+    docstring).
+
+    Built from the engine's batch kwargs once per forward; the grouping and the page rows each group reads are
+    computed once and shared by all layers."""
+
+    def __init__(self, paged_cache, batch: dict):
+        self.paged = paged_cache
+        cu_k_by_type = batch["cu_seq_lens_k"]
+        if len(cu_k_by_type) != 1:
+            raise ValueError(f"MLA layers are all full attention; the engine sent layer types {list(cu_k_by_type)}.")
+        (self.layer_type,) = cu_k_by_type
+        self.cu_k = cu_k_by_type[self.layer_type]
+        self.read_index, self.write_index = batch["read_index"], batch["write_index"]
+        self.groups = _plan_groups(batch["cu_seq_lens_q"].tolist(), self.cu_k.tolist(), self.cu_k.device)
+        self._rows_read: dict[int, list[torch.Tensor]] = {}  # allocator index -> per group, page rows to gather
+
+    def attend(self, module, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        allocator = self.paged.layer_to_allocator[module.layer_idx]
+        read_index = self.read_index[allocator.index]
+        self._write(module.layer_idx, latent, module.kv_lora_rank)
+        if read_index.numel():  # requests with a past: read every latent from the pages
+            source, rows_read = _layer_rows(allocator, module.layer_idx), self._rows(allocator.index, read_index)
+        else:  # the engine skips reading when no request has a past: the new latents are all there is
+            source, rows_read = latent[0], [g.key_index for g in self.groups]
+        h = q_nope.shape[1]
+        out = q_nope.new_zeros(h, latent.shape[1], module.v_head_dim)  # (H, S, v)
+        for g, rows in zip(self.groups, rows_read):
+            qn = q_nope[0][:, g.query_index].view(h, g.requests, g.q_len, -1).transpose(0, 1)  # (R, H, q, nope)
+            qp = q_pe[0][:, g.query_index].view(h, g.requests, g.q_len, -1).transpose(0, 1)  # (R, H, q, rope)
+            lat = torch.index_select(source, 0, rows).view(g.requests, -1, source.shape[-1])  # (R, K_max, 576)
+            o, _ = module.attend(qn, qp, lat, g.mask)  # (R, H, q, v)
+            out[:, g.query_index] = o.transpose(0, 1).reshape(h, g.requests * g.q_len, -1)
+        return out[None]  # (1, H, S, v)
+
+    def _write(self, layer_idx: int, latent: torch.Tensor, rank: int) -> None:
+        """Store the new latents ``[1, S, 576]`` in their pages (the paged cache's update with nothing to read back:
+        the groups gather what they need themselves, once)."""
+        s = latent.shape[1]
+        c_kv, k_pe = latent[0].split([rank, latent.shape[-1] - rank], dim=-1)  # (S, r), (S, rope)
+        empty = self.read_index[0][:0]
+        kwargs = {
+            "cu_seq_lens_k": {self.layer_type: self.cu_k},
+            "max_length_k": {self.layer_type: 0},
+            "read_index": [empty] * len(self.read_index),
+            "write_index": self.write_index,
+        }
+        self.paged.update(c_kv.reshape(1, 1, s, rank), k_pe.reshape(1, 1, s, -1), layer_idx, kwargs)
+
+    def _rows(self, allocator_index: int, read_index: torch.Tensor) -> list[torch.Tensor]:
+        if allocator_index not in self._rows_read:
+            self._rows_read[allocator_index] = [read_index[g.key_index] for g in self.groups]
+        return self._rows_read[allocator_index]
+
+
+def _layer_rows(allocator, layer_idx: int) -> torch.Tensor:
+    """``[N, 576]``: one layer's rows of the MLA allocator's pages, ``[c_kv ; k_pe]`` per token slot, indexed like
+    ``read_index`` / ``write_index`` (the allocator's own ``update`` reads the two column slices of these rows)."""
+    try:
+        c_kv, _ = allocator._latent_token_views[layer_idx]  # (N, r) with row stride 576
+        width = allocator.row_numel
+    except AttributeError as e:
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__} changed MLACacheAllocator's private page layout ({e}); "
+            f"{__name__} was written for 5.25. Update _layer_rows there."
+        ) from e
+    return c_kv.as_strided((c_kv.shape[0], width), (c_kv.stride(0), 1))
+
+
+def _plan_groups(cu_q: list[int], cu_k: list[int], device) -> list[_Group]:
+    """Group the packed requests: decode-sized ones by query length and similar past (padded gathers), longer ones
+    alone.
+
+    Request ``i`` has queries ``cu_q[i]:cu_q[i+1]`` and latents ``cu_k[i]:cu_k[i+1]`` (its past, then its new
+    tokens), so its query ``j`` may see latents up to ``k_len - q_len + j``. Requests of one query length are taken
+    longest first; a group closes when the next one is shorter than ``DECODE_GROUP_FILL`` of the group's longest,
+    so padding stays below a quarter of what is read."""
+    by_len: dict[int, list[int]] = {}
+    groups = []
+    for i in range(len(cu_q) - 1):
+        q_len, k_len = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        if q_len == 0:  # padding request
+            continue
+        if k_len < q_len:
+            raise ValueError(f"Request {i} has {q_len} new tokens but only {k_len} cached ones; corrupt batch.")
+        if q_len > DECODE_GROUP_MAX:
+            rows = torch.arange(cu_q[i], cu_q[i + 1], device=device)
+            groups.append(_Group(rows, torch.arange(cu_k[i], cu_k[i + 1], device=device), None, 1, q_len))
+        else:
+            by_len.setdefault(q_len, []).append(i)
+    for q_len, members in by_len.items():
+        members.sort(key=lambda i: cu_k[i] - cu_k[i + 1])  # longest past first
+        while members:
+            longest = cu_k[members[0] + 1] - cu_k[members[0]]
+            n = 1
+            while n < len(members) and cu_k[members[n] + 1] - cu_k[members[n]] >= DECODE_GROUP_FILL * longest:
+                n += 1
+            groups.append(_decode_group(members[:n], q_len, cu_q, cu_k, device))
+            members = members[n:]
+    return groups
+
+
+def _decode_group(members: list[int], q_len: int, cu_q: list[int], cu_k: list[int], device) -> _Group:
+    q_start = torch.tensor([cu_q[i] for i in members], device=device)
+    k_start = torch.tensor([cu_k[i] for i in members], device=device)
+    k_len = torch.tensor([cu_k[i + 1] - cu_k[i] for i in members], device=device)
+    k_max = int(k_len.max())
+    steps = torch.arange(q_len, device=device)
+    query_index = (q_start[:, None] + steps).flatten()  # (R*q,)
+    keys = torch.arange(k_max, device=device)
+    key_index = k_start[:, None] + torch.minimum(keys, k_len[:, None] - 1)  # (R, K_max); pads repeat the last
+    visible = keys[None, None, :] <= (k_len[:, None, None] - q_len + steps[None, :, None])  # (R, q, K_max)
+    mask = None if len(members) == 1 else visible[:, None]  # (R, 1, q, K_max); one request: plain causal
+    return _Group(query_index, key_index.flatten(), mask, len(members), q_len)
+
+
+def cpu_cache_blocks(config, cb_config, dtype: torch.dtype, hints=None, budget: int = CPU_CACHE_BYTES) -> int:
+    """Blocks of ``page_size`` tokens (all layers) for the latent cache on CPU: room for ``CPU_CACHE_REQUESTS``
+    full-context requests, or for what the workload ``hints`` (``generate_batch`` gives them) need to run every
+    request at once; never more than ``budget`` bytes."""
+    per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize * config.num_hidden_layers
+    page = cb_config.page_size
+    context = config.max_position_embeddings
+    tokens = CPU_CACHE_REQUESTS * context
+    if hints is not None and hints.num_requests and hints.max_prompt_length:
+        per_request = min(hints.max_prompt_length + (hints.max_generated_length or 0), context)
+        tokens = hints.num_requests * -(-per_request // page) * page
+    return max(1, min(budget // per_token, tokens) // page)
+
+
+class ContinuousBatchingSupport:
+    """Mixed in before the core causal LM (``modeling.py``): continuous batching runs on the latent cache."""
+
+    def forward(self, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and _is_paged(cache):
+            kwargs.pop("past_key_values", None)
+            kwargs["cache"] = PagedLatentBatch(cache, kwargs)
+            for key in (*_BATCH_KWARGS, *_DROPPED_KWARGS):
+                kwargs.pop(key, None)
+            kwargs["use_cache"] = True
+        return super().forward(*args, **kwargs)
+
+    def init_continuous_batching(
+        self, generation_config=None, continuous_batching_config=None, workload_hints=None, **kwargs
+    ):
+        """transformers' ``init_continuous_batching``; on CPU, what ``continuous_batching_config`` leaves unset is
+        sized here (:func:`cpu_cache_blocks`, ``CPU_BATCH_TOKENS``) instead of from 90% of the free RAM. The manager's ``add_request`` refuses a request that could never finish (see
+        :func:`check_request`)."""
+        cb = self._latent_cache_config(generation_config, continuous_batching_config, workload_hints)
+        manager = super().init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb, workload_hints=workload_hints, **kwargs
+        )
+        if not getattr(manager, "_checks_requests", False):  # a persistent manager comes back already wrapped
+            manager.add_request = _checked(manager.add_request, manager, self.config)
+            manager._checks_requests = True
+        return manager
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, **kwargs):
+        """transformers' ``generate_batch``, raising up front for a request that could never finish (transformers'
+        would log the engine's failure and return without it)."""
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        gen = self.generation_config if generation_config is None else generation_config
+        new = kwargs.get("max_new_tokens", gen.max_new_tokens)
+        copies = gen.num_return_sequences or 1
+        hints = WorkloadHints(
+            max_prompt_length=max((len(x) for x in inputs), default=0),
+            max_generated_length=new or 0,
+            num_requests=len(inputs) * copies,
+        )
+        cb = self._latent_cache_config(generation_config, continuous_batching_config, hints)
+        for x in inputs:
+            check_request(self.config, cb, len(x), new)
+        return super().generate_batch(inputs, generation_config, continuous_batching_config=cb, **kwargs)
+
+    def _latent_cache_config(self, generation_config, continuous_batching_config, workload_hints):
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cb = continuous_batching_config
+        if cb is None and generation_config is not None:
+            cb = getattr(generation_config, "continuous_batching_config", None)
+        cb = ContinuousBatchingConfig() if cb is None else cb
+        if self.device.type == "cpu":
+            if cb.num_blocks is None and cb.max_memory_percent is None:
+                cb.num_blocks = cpu_cache_blocks(self.config, cb, self.dtype, workload_hints)
+                logger.info("latent cache on CPU: %d blocks of %d tokens", cb.num_blocks, cb.page_size)
+            if cb.max_batch_tokens is None:
+                cb.max_batch_tokens = CPU_BATCH_TOKENS
+        return cb
+
+
+def check_request(config, cb_config, prompt_tokens: int, max_new_tokens: int | None) -> None:
+    """Refuse, by name, a request that could never finish: past the model's context (as ``generate()`` refuses it)
+    or larger than the whole latent cache (transformers' engine would accept it and fail it later with "No requests
+    can be scheduled")."""
+    needed = prompt_tokens + (max_new_tokens or 0)
+    limit = config.max_position_embeddings
+    if needed > limit:
+        raise ValueError(
+            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) make {needed} positions, "
+            f"more than this model's max_position_embeddings ({limit}). Shorten the prompt or lower max_new_tokens."
+        )
+    if cb_config.num_blocks is not None and needed > cb_config.num_blocks * cb_config.page_size:
+        raise ValueError(
+            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) need {needed} cache slots; "
+            f"the latent cache holds {cb_config.num_blocks * cb_config.page_size} ({cb_config.num_blocks} blocks of "
+            f"{cb_config.page_size}). Raise ContinuousBatchingConfig(num_blocks=...) or max_memory_percent, or shorten "
+            "the request."
+        )
+
+
+def _checked(add_request, manager, config):
+    """``manager.add_request`` running :func:`check_request` first."""
+
+    def add_checked(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
+        new = manager.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        check_request(config, manager.continuous_batching_config, len(input_ids), new)
+        return add_request(input_ids, request_id, max_new_tokens, *args, **kwargs)
+
+    return add_checked
+
+
+def _is_paged(cache) -> bool:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    return isinstance(cache, PagedAttentionCache)
