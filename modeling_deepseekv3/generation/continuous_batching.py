@@ -61,8 +61,9 @@ DECODE_GROUP_MAX = 16
 #: a request joins a decode group while its past is at least this fraction of the group's longest
 DECODE_GROUP_FILL = 0.75
 
-#: On CPU, when the user sets neither ``num_blocks`` nor ``max_memory_percent``, the latent cache holds this many
-#: full-context requests, within ``CPU_CACHE_BYTES``; transformers' default takes 90% of the free RAM.
+#: On CPU, when the user does not set ``num_blocks``, the latent cache holds this many full-context requests (or what
+#: ``generate_batch``'s requests need), within ``CPU_CACHE_BYTES`` or ``max_memory_percent`` of the free RAM;
+#: transformers' default fills 90% of the free RAM (TRL's rollouts: 50%) with zeros before the first token.
 CPU_CACHE_REQUESTS = 32
 CPU_CACHE_BYTES = 2 * 1024**3
 
@@ -275,18 +276,30 @@ class ContinuousBatchingSupport:
             cb = getattr(generation_config, "continuous_batching_config", None)
         cb = ContinuousBatchingConfig() if cb is None else cb
         if self.device.type == "cpu":
-            if cb.num_blocks is None and cb.max_memory_percent is None:
-                cb.num_blocks = cpu_cache_blocks(self.config, cb, self.dtype, workload_hints)
+            if cb.num_blocks is None:  # max_memory_percent (TRL sets 0.5) only bounds it: a CPU cache is zero-filled
+                budget = CPU_CACHE_BYTES
+                if cb.max_memory_percent is not None:
+                    import psutil
+
+                    budget = int(cb.max_memory_percent * psutil.virtual_memory().available)
+                cb.num_blocks = cpu_cache_blocks(self.config, cb, self.dtype, workload_hints, budget)
                 logger.info("latent cache on CPU: %d blocks of %d tokens", cb.num_blocks, cb.page_size)
             if cb.max_batch_tokens is None:
                 cb.max_batch_tokens = CPU_BATCH_TOKENS
         return cb
 
 
-def check_request(config, cb_config, prompt_tokens: int, max_new_tokens: int | None) -> None:
-    """Refuse, by name, a request that could never finish: past the model's context (as ``generate()`` refuses it)
-    or larger than the whole latent cache (transformers' engine would accept it and fail it later with "No requests
-    can be scheduled")."""
+def check_request(config, cb_config, prompt_tokens: int, max_new_tokens: int | None, **sampling) -> None:
+    """Refuse, by name, a request that could never finish or would not mean what it says: past the model's context
+    (as ``generate()`` refuses it), larger than the whole latent cache (transformers' engine would accept it and fail
+    it later with "No requests can be scheduled"), no tokens to generate, or sampling settings out of range (the
+    engine would run them as given)."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    for name, valid, rule in _SAMPLING_RULES:
+        value = sampling.get(name)
+        if value is not None and not valid(value):
+            raise ValueError(f"{name} must be {rule}, got {value}.")
     needed = prompt_tokens + (max_new_tokens or 0)
     limit = config.max_position_embeddings
     if needed > limit:
@@ -303,12 +316,21 @@ def check_request(config, cb_config, prompt_tokens: int, max_new_tokens: int | N
         )
 
 
+#: per-request sampling settings the engine takes -> the range it silently assumes
+_SAMPLING_RULES = (
+    ("temperature", lambda t: t > 0, "positive"),
+    ("top_p", lambda p: 0 < p <= 1, "in (0, 1]"),
+    ("top_k", lambda k: k >= 1, "at least 1"),
+)
+
+
 def _checked(add_request, manager, config):
     """``manager.add_request`` running :func:`check_request` first."""
 
     def add_checked(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
         new = manager.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        check_request(config, manager.continuous_batching_config, len(input_ids), new)
+        sampling = {k: kwargs[k] for k, _, _ in _SAMPLING_RULES if k in kwargs}
+        check_request(config, manager.continuous_batching_config, len(input_ids), new, **sampling)
         return add_request(input_ids, request_id, max_new_tokens, *args, **kwargs)
 
     return add_checked

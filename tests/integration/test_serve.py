@@ -43,7 +43,16 @@ import openai  # noqa: E402
 MODEL = ROOT / "models" / "shakespeare-deepseek-v3"
 MODEL_ID = str(MODEL)  # the server is pinned to DIR as given; requests name it so
 MAX_TOKENS = 12
-CHAT_PROMPTS = ("Speak of the king.", "What says the queen?", "Good morrow, my lord.", "Where is the sword?")
+CHAT_PROMPTS = (
+    "Speak of the king.",
+    "What says the queen?",
+    "Good morrow, my lord.",
+    "Where is the sword?",
+    "Who comes here?",
+    "Tell me of Rome.",
+    "How fares the duke?",
+    "What news abroad?",
+)
 COMPLETION_PROMPT = "To be, or not to be"
 READY_TIMEOUT_S = 300
 
@@ -69,13 +78,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``deepseek-v3 serve MODEL --host 127.0.0.1 --port P --device cpu --dtype float32`` in its own session."""
+@pytest.fixture(scope="module", params=["generate", "continuous-batching"])
+def server(request, tmp_path_factory):
+    """``deepseek-v3 serve MODEL --host 127.0.0.1 --port P --device cpu --dtype float32`` in its own session, one
+    ``generate()`` per request or (``--continuous-batching``) every request in transformers' running batch on the
+    paged latent cache: each test runs against both."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [sys.executable, "-m", "modeling_deepseekv3", "serve", MODEL_ID, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    if request.param == "continuous-batching":
+        command.append("--continuous-batching")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             command,
@@ -86,7 +99,7 @@ def server(tmp_path_factory):
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        yield {"proc": proc, "port": port, "log": log}
+        yield {"proc": proc, "port": port, "log": log, "mode": request.param}
     finally:
         _kill_group(proc)
 
@@ -217,8 +230,8 @@ def test_responses_api_equals_generate(client, reference):
 
 
 @pytest.mark.slow
-def test_four_concurrent_requests_each_equal_its_own_generate(client, reference):
-    """Four requests at once, two streamed: each answer is its prompt's own, none mixed with another's."""
+def test_eight_concurrent_requests_each_equal_its_own_generate(client, reference):
+    """Eight requests at once, half streamed: each answer is its prompt's own, none mixed with another's."""
 
     def ask(i: int) -> str:
         prompt = CHAT_PROMPTS[i]
@@ -243,7 +256,12 @@ def test_bad_requests_get_http_errors_and_the_server_keeps_serving(client, serve
             model=MODEL_ID, messages=[{"role": "user", "content": too_long}], max_tokens=4, temperature=0
         )
     assert caught.value.status_code == 400
-    with pytest.raises(openai.BadRequestError):  # generate() refuses it: a 400, not a dead engine
+    with pytest.raises(openai.BadRequestError) as caught:  # fits the prompt check, not with the answer
+        client.completions.create(model=MODEL_ID, prompt="the king " * 100, max_tokens=1000, temperature=0)
+    # each mode refuses it in its own words: the batch's request check, or generate()'s
+    refusal = "plus max_new_tokens (1000) make" if server["mode"] == "continuous-batching" else "tokens to generate"
+    assert caught.value.status_code == 400 and refusal in json.dumps(caught.value.body)
+    with pytest.raises(openai.BadRequestError):  # refused: a 400, not a dead engine
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=-3)
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(
