@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -69,8 +70,9 @@ CPU_CACHE_BYTES = 2 * 1024**3
 
 #: On CPU, when the user does not set ``max_batch_tokens``: the engine's batch (prefill chunks and decode tokens)
 #: per step. transformers sizes it from free memory (8192 here) and allocates, for "sdpa", a dense
-#: ``[max_batch_tokens, cache tokens + max_batch_tokens]`` mask the latent attention never reads.
-CPU_BATCH_TOKENS = 256
+#: ``[max_batch_tokens, cache tokens + max_batch_tokens]`` mask the latent attention never reads (with the default
+#: cache of the shipped model, 68 MB at 1024; 1.1 GB at 8192 for V3's context). 256 ran the benchmark 1.2x slower.
+CPU_BATCH_TOKENS = 1024
 
 # What the engine passes to forward besides the tokens; consumed here, never seen by the core.
 _BATCH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index")
@@ -86,6 +88,9 @@ class _Group:
     mask: torch.Tensor | None  # (R, 1, q, K_max) True = may attend; None: plain causal over one request
     requests: int
     q_len: int
+    k_max: int  # latents each request is padded to
+    k_start: torch.Tensor  # (R,) where each request's latents start in the read-back order
+    k_lens: torch.Tensor  # (R,) each request's latents (its past and its new tokens)
 
 
 class PagedLatentBatch(PackedSequencesCache):
@@ -105,25 +110,43 @@ class PagedLatentBatch(PackedSequencesCache):
         self.cu_k = cu_k_by_type[self.layer_type]
         self.read_index, self.write_index = batch["read_index"], batch["write_index"]
         self.groups = _plan_groups(batch["cu_seq_lens_q"].tolist(), self.cu_k.tolist(), self.cu_k.device)
-        self._rows_read: dict[int, list[torch.Tensor]] = {}  # allocator index -> per group, page rows to gather
+        self._plans: dict[int, list[_Read]] = {}  # allocator index -> how each group reads its latents
 
     def attend(self, module, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         allocator = self.paged.layer_to_allocator[module.layer_idx]
         read_index = self.read_index[allocator.index]
         self._write(module.layer_idx, latent, module.kv_lora_rank)
         if read_index.numel():  # requests with a past: read every latent from the pages
-            source, rows_read = _layer_rows(allocator, module.layer_idx), self._rows(allocator.index, read_index)
+            rows = _layer_rows(allocator, module.layer_idx)
+            reads = self._reads(allocator, read_index)
         else:  # the engine skips reading when no request has a past: the new latents are all there is
-            source, rows_read = latent[0], [g.key_index for g in self.groups]
+            rows = latent[0]
+            reads = [_Read(g.key_index, g.mask, None) for g in self.groups]
         h = q_nope.shape[1]
         out = q_nope.new_zeros(h, latent.shape[1], module.v_head_dim)  # (H, S, v)
-        for g, rows in zip(self.groups, rows_read):
-            qn = q_nope[0][:, g.query_index].view(h, g.requests, g.q_len, -1).transpose(0, 1)  # (R, H, q, nope)
+        absorbed = []
+        for g, read in zip(self.groups, reads):
             qp = q_pe[0][:, g.query_index].view(h, g.requests, g.q_len, -1).transpose(0, 1)  # (R, H, q, rope)
-            lat = torch.index_select(source, 0, rows).view(g.requests, -1, source.shape[-1])  # (R, K_max, 576)
-            o, _ = module.attend(qn, qp, lat, g.mask)  # (R, H, q, v)
+            gather = partial(read.latents, rows, g)
+            if g.q_len <= DECODE_GROUP_MAX and module.choose_path(g.q_len, g.k_max) == "absorb":
+                absorbed.append((g, qp, gather, read.mask))
+                continue
+            qn = q_nope[0][:, g.query_index].view(h, g.requests, g.q_len, -1).transpose(0, 1)  # (R, H, q, nope)
+            o, _ = module.attend(qn, qp, gather(), read.mask)  # (R, H, q, v)
             out[:, g.query_index] = o.transpose(0, 1).reshape(h, g.requests * g.q_len, -1)
+        if absorbed:  # one W_UK / W_UV projection for every decode group, the latent attention per group
+            index = torch.cat([g.query_index for g, *_ in absorbed])
+            o = module.kv_b_proj(q_nope[:, :, index], latent_attention=_per_group(module, absorbed))  # (1, H, Sa, v)
+            out[:, index] = o[0]
         return out[None]  # (1, H, S, v)
+
+    def _reads(self, allocator, read_index: torch.Tensor) -> list[_Read]:
+        """How each group reads its latents from the pages, computed once per forward (all layers of an allocator
+        share its pages' layout): whole pages where every request's tokens fill its pages in order (one large
+        copy per page instead of one small one per token, ~4x faster on CPU), else token rows."""
+        if allocator.index not in self._plans:
+            self._plans[allocator.index] = [_plan_read(g, read_index, allocator) for g in self.groups]
+        return self._plans[allocator.index]
 
     def _write(self, layer_idx: int, latent: torch.Tensor, rank: int) -> None:
         """Store the new latents ``[1, S, 576]`` in their pages (the paged cache's update with nothing to read back:
@@ -139,10 +162,60 @@ class PagedLatentBatch(PackedSequencesCache):
         }
         self.paged.update(c_kv.reshape(1, 1, s, rank), k_pe.reshape(1, 1, s, -1), layer_idx, kwargs)
 
-    def _rows(self, allocator_index: int, read_index: torch.Tensor) -> list[torch.Tensor]:
-        if allocator_index not in self._rows_read:
-            self._rows_read[allocator_index] = [read_index[g.key_index] for g in self.groups]
-        return self._rows_read[allocator_index]
+
+@dataclass
+class _Read:
+    """Where one group's latents lie: token rows of the layer's pages, or (``pages`` set) whole pages."""
+
+    index: torch.Tensor  # (R * K_max,) token rows, or (R * P_max,) page numbers
+    mask: torch.Tensor | None  # (R, 1, q, width) over what is read, or None (one request: plain causal)
+    pages: tuple[int, int] | None  # (tokens per page, rows from one page of a layer to the next)
+
+    def latents(self, rows: torch.Tensor, g: _Group) -> torch.Tensor:
+        """``[R, width, 576]`` latents of the group's requests (``rows``: the layer's ``[N, 576]`` token rows)."""
+        if self.pages is None:
+            return torch.index_select(rows, 0, self.index).view(g.requests, -1, rows.shape[-1])
+        page, stride = self.pages
+        n = (rows.shape[0] - page) // stride + 1
+        pages = rows.as_strided((n, page, rows.shape[-1]), (stride * rows.stride(0), rows.stride(0), 1))
+        lat = torch.index_select(pages, 0, self.index).view(g.requests, -1, rows.shape[-1])  # (R, P_max*page, 576)
+        return lat[:, : g.k_max] if g.requests == 1 else lat  # one request: exactly its latents, no mask
+
+
+def _plan_read(g: _Group, read_index: torch.Tensor, allocator) -> _Read:
+    rows = read_index[g.key_index]  # (R * K_max,) the token rows, padded by repeating each request's last
+    page = allocator.tokens_per_page
+    stride = page * len(allocator.layer_indices)  # a block holds one page per layer
+    p_max = -(-g.k_max // page)
+    pages = torch.minimum(torch.arange(p_max, device=rows.device), (g.k_lens[:, None] - 1) // page)  # (R, P_max)
+    first = read_index[g.k_start[:, None] + pages * page]  # (R, P_max) the first row of each page
+    keys = torch.arange(g.k_max, device=rows.device)
+    expected = first.gather(1, (keys // page).expand(g.requests, -1)) + keys % page  # (R, K_max)
+    keys_pad = torch.minimum(keys, g.k_lens[:, None] - 1)  # the padded positions repeat the last, as rows do
+    expected = expected.gather(1, keys_pad)
+    if not (bool((first % stride == 0).all()) and torch.equal(expected.flatten(), rows)):
+        return _Read(rows, g.mask, None)  # tokens not laid out page by page (a layout this code does not know)
+    mask = None if g.requests == 1 else _visible(g.k_lens, g.q_len, p_max * page)
+    return _Read((first // stride).flatten(), mask, (page, stride))
+
+
+def _per_group(module, absorbed):
+    """The ``latent_attention`` callable of the absorbed projection over several decode groups packed one after
+    the other: ``q_latent [1, H, Sa, r] -> o_latent [1, H, Sa, r]``, each group attending over its own latents."""
+
+    def attend(q_latent: torch.Tensor) -> torch.Tensor:
+        h, r = q_latent.shape[1], q_latent.shape[-1]
+        o_latent = torch.empty_like(q_latent)
+        start = 0
+        for g, qp, gather, mask in absorbed:
+            n = g.requests * g.q_len
+            ql = q_latent[0, :, start : start + n].view(h, g.requests, g.q_len, r).transpose(0, 1)  # (R, H, q, r)
+            o = module._latent_attention(qp, gather(), mask)(ql)  # (R, H, q, r)
+            o_latent[0, :, start : start + n] = o.transpose(0, 1).reshape(h, n, r)
+            start += n
+        return o_latent
+
+    return attend
 
 
 def _layer_rows(allocator, layer_idx: int) -> torch.Tensor:
@@ -179,7 +252,9 @@ def _plan_groups(cu_q: list[int], cu_k: list[int], device) -> list[_Group]:
             raise ValueError(f"Request {i} has {q_len} new tokens but only {k_len} cached ones; corrupt batch.")
         if q_len > DECODE_GROUP_MAX:
             rows = torch.arange(cu_q[i], cu_q[i + 1], device=device)
-            groups.append(_Group(rows, torch.arange(cu_k[i], cu_k[i + 1], device=device), None, 1, q_len))
+            keys = torch.arange(cu_k[i], cu_k[i + 1], device=device)
+            start, length = torch.tensor([cu_k[i]], device=device), torch.tensor([k_len], device=device)
+            groups.append(_Group(rows, keys, None, 1, q_len, k_len, start, length))
         else:
             by_len.setdefault(q_len, []).append(i)
     for q_len, members in by_len.items():
@@ -194,6 +269,13 @@ def _plan_groups(cu_q: list[int], cu_k: list[int], device) -> list[_Group]:
     return groups
 
 
+def _visible(k_lens: torch.Tensor, q_len: int, width: int) -> torch.Tensor:
+    """``[R, 1, q, width]``: query ``j`` of a request with ``k_len`` latents sees latents ``0 .. k_len - q + j``."""
+    keys = torch.arange(width, device=k_lens.device)
+    steps = torch.arange(q_len, device=k_lens.device)
+    return (keys[None, None, :] <= (k_lens[:, None, None] - q_len + steps[None, :, None]))[:, None]
+
+
 def _decode_group(members: list[int], q_len: int, cu_q: list[int], cu_k: list[int], device) -> _Group:
     q_start = torch.tensor([cu_q[i] for i in members], device=device)
     k_start = torch.tensor([cu_k[i] for i in members], device=device)
@@ -203,9 +285,8 @@ def _decode_group(members: list[int], q_len: int, cu_q: list[int], cu_k: list[in
     query_index = (q_start[:, None] + steps).flatten()  # (R*q,)
     keys = torch.arange(k_max, device=device)
     key_index = k_start[:, None] + torch.minimum(keys, k_len[:, None] - 1)  # (R, K_max); pads repeat the last
-    visible = keys[None, None, :] <= (k_len[:, None, None] - q_len + steps[None, :, None])  # (R, q, K_max)
-    mask = None if len(members) == 1 else visible[:, None]  # (R, 1, q, K_max); one request: plain causal
-    return _Group(query_index, key_index.flatten(), mask, len(members), q_len)
+    mask = None if len(members) == 1 else _visible(k_len, q_len, k_max)  # one request: plain causal
+    return _Group(query_index, key_index.flatten(), mask, len(members), q_len, k_max, k_start, k_len)
 
 
 def cpu_cache_blocks(config, cb_config, dtype: torch.dtype, hints=None, budget: int = CPU_CACHE_BYTES) -> int:

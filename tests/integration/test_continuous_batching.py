@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from helpers import load
 from modeling_deepseekv3.generation import continuous_batching as cb_mod
-from modeling_deepseekv3.generation.continuous_batching import PagedLatentBatch, _plan_groups
+from modeling_deepseekv3.generation.continuous_batching import PagedLatentBatch, _plan_groups, _plan_read, _visible
 
 PROMPT_LENGTHS = (1, 3, 9, 17, 30, 64, 5, 120)
 
@@ -54,9 +55,12 @@ def _count_attends(monkeypatch):
     return calls
 
 
-def test_generate_batch_greedy_equals_each_requests_generate(model, monkeypatch):
+@pytest.mark.parametrize("mla_impl", ["auto", "expand"])
+def test_generate_batch_greedy_equals_each_requests_generate(model, monkeypatch, mla_impl):
     """Mixed lengths, a chunked prefill (``max_batch_tokens`` 48: the 64- and 120-token prompts prefill over their
-    own past) and a cache that holds only part of the requests at once (the engine must wait for pages)."""
+    own past) and a cache that holds only part of the requests at once (the engine must wait for pages); decode
+    groups through the absorbed projection shared by all groups (auto) and through each layer's expanded path."""
+    monkeypatch.setattr(model.config, "mla_impl", mla_impl)
     calls = _count_attends(monkeypatch)
     prompts = _prompts(PROMPT_LENGTHS, model.config.vocab_size)
     config = _greedy(12)
@@ -205,3 +209,41 @@ def test_groups_cover_every_query_once_with_causal_visibility():
     alone = [g for g in groups if g.q_len > cb_mod.DECODE_GROUP_MAX]
     assert [(g.requests, g.q_len) for g in alone] == [(1, 40)]
     assert sorted(g.requests for g in groups if g.q_len == 1) == [1, 2, 2]  # {300, 290}, {100, 95}, {7}
+
+
+def test_page_reads_equal_token_reads():
+    """The fast read (whole pages, ``_Read.pages``) against its twin, token rows through ``read_index``: the same
+    latents where each request may look; and a layout that is not page by page falls back to token rows."""
+    page, layers = 4, 2
+    allocator = SimpleNamespace(tokens_per_page=page, layer_indices=list(range(layers)))
+    stride = page * layers
+    rows = torch.randn(10 * stride, 8)
+    blocks = {0: [5, 1, 3], 1: [7], 2: [0, 9], 3: [2, 4, 6, 8]}
+    k_lens = [10, 3, 7, 13]
+    read = [b[j // page] * stride + j % page for i, b in blocks.items() for j in range(k_lens[i])]
+    read_index = torch.tensor(read)
+    cu_k = [0, *torch.tensor(k_lens).cumsum(0).tolist()]
+    for q_lens in ([1, 1, 1, 1], [1, 2, 1, 2], [3, 3, 5, 2]):
+        cu_q = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+        for g in _plan_groups(cu_q, cu_k, "cpu"):
+            twin = torch.index_select(rows, 0, read_index[g.key_index]).view(g.requests, -1, 8)
+            fast = _plan_read(g, read_index, allocator)
+            assert fast.pages == (page, stride)
+            got = fast.latents(rows, g)
+            for r in range(g.requests):
+                n = int(g.k_lens[r])
+                assert torch.equal(got[r, :n], twin[r, :n])
+            if g.requests > 1:
+                assert torch.equal(fast.mask, _visible(g.k_lens, g.q_len, got.shape[1]))
+                assert torch.equal(fast.mask[..., : g.k_max], g.mask)
+            else:
+                assert fast.mask is None and got.shape[1] == g.k_max
+    shuffled = read_index.clone()
+    shuffled[[1, 2]] = shuffled[[2, 1]]
+    for g in _plan_groups([0, 1, 2, 3, 4], cu_k, "cpu"):
+        slow = _plan_read(g, shuffled, allocator)
+        twin = torch.index_select(rows, 0, shuffled[g.key_index]).view(g.requests, -1, 8)
+        if 0 in g.k_start.tolist():  # request 0 holds the swapped rows: its group reads token rows
+            assert slow.pages is None and torch.equal(slow.latents(rows, g), twin)
+        else:
+            assert slow.pages == (page, stride)
