@@ -10,16 +10,18 @@ DeepSeek-V3 re-expands every cached latent to per-head keys and values at each s
 :class:`~..core.cache.PackedSequencesCache`) splits the row back into its requests and runs each layer's own
 :meth:`~..core.attention.MLAttention.attend` per request:
 
-* requests with a few new tokens (decode, ``q_len <= DECODE_GROUP_MAX``) are gathered, padded to the longest past,
-  into one ``[R, K_max, 576]`` batch per query length: one absorbed attention over the latents for all of them;
+* requests with a few new tokens (decode, ``q_len <= DECODE_GROUP_MAX``) are grouped by query length and similar
+  past (``DECODE_GROUP_FILL``) and read, whole pages at a time, into one ``[R, K_max, 576]`` batch per group; the
+  groups share one absorbed ``W_UK`` / ``W_UV`` projection and attend over their latents group by group;
 * longer chunks (prefills) run one by one, each over its own past (the expanded path where it is cheaper).
 
 So every request sees exactly the tokens its own ``generate()`` would, and no work or memory scales with another
 request's length.
 
 :class:`ContinuousBatchingSupport` (mixed into the public classes in ``modeling.py``) wraps the paged cache on the
-way into ``forward`` and sizes the cache on CPU from what the user allows: transformers' default takes 90% of free
-RAM (on a 24 GiB box, 20 GiB zero-filled before the first token). The private pieces used here (the paged cache's
+way into ``forward`` (a forward pre-hook, so ``forward`` keeps the signature Trainer reads) and sizes the cache on
+CPU from the requests and what the user allows: transformers' default plans for 90% of the free RAM, zero-filled
+before the first token, and a dense mask over all of it. The private pieces used here (the paged cache's
 ``update`` with its batch kwargs, the allocator layout) are listed in ``PRIVATE_API``; ``tests/unit/test_layout.py``
 names the transformers version when they change.
 """
@@ -306,16 +308,6 @@ def cpu_cache_blocks(config, cb_config, dtype: torch.dtype, hints=None, budget: 
 class ContinuousBatchingSupport:
     """Mixed in before the core causal LM (``modeling.py``): continuous batching runs on the latent cache."""
 
-    def forward(self, *args, **kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and _is_paged(cache):
-            kwargs.pop("past_key_values", None)
-            kwargs["cache"] = PagedLatentBatch(cache, kwargs)
-            for key in (*_BATCH_KWARGS, *_DROPPED_KWARGS):
-                kwargs.pop(key, None)
-            kwargs["use_cache"] = True
-        return super().forward(*args, **kwargs)
-
     def init_continuous_batching(
         self, generation_config=None, continuous_batching_config=None, workload_hints=None, **kwargs
     ):
@@ -323,6 +315,8 @@ class ContinuousBatchingSupport:
         sized here (:func:`cpu_cache_blocks`, ``CPU_BATCH_TOKENS``) instead of from 90% of the free RAM. The manager's ``add_request`` refuses a request that could never finish (see
         :func:`check_request`)."""
         cb = self._latent_cache_config(generation_config, continuous_batching_config, workload_hints)
+        if getattr(self, "_paged_latent_hook", None) is None:  # forward keeps its signature (Trainer reads it)
+            self._paged_latent_hook = self.register_forward_pre_hook(_paged_latent_batch, with_kwargs=True)
         manager = super().init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb, workload_hints=workload_hints, **kwargs
         )
@@ -415,6 +409,17 @@ def _checked(add_request, manager, config):
         return add_request(input_ids, request_id, max_new_tokens, *args, **kwargs)
 
     return add_checked
+
+
+def _paged_latent_batch(module, args, kwargs):
+    """Forward pre-hook: the engine's paged cache and batch layout become one :class:`PagedLatentBatch`, and the
+    batch kwargs the core does not take are consumed here."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not _is_paged(cache):
+        return None
+    batch = PagedLatentBatch(cache, kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in (*_BATCH_KWARGS, *_DROPPED_KWARGS, "past_key_values")}
+    return args, kwargs | {"cache": batch, "use_cache": True}
 
 
 def _is_paged(cache) -> bool:

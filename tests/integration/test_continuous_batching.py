@@ -8,6 +8,7 @@ the model's distribution. Requests that could never finish are refused up front,
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from types import SimpleNamespace
@@ -147,6 +148,15 @@ def test_requests_that_could_never_finish_are_refused_by_name(model):
             manager.add_request(prompts[1], max_new_tokens=8)
     finally:
         manager.destroy()
+
+
+def test_forward_keeps_its_signature_and_the_hook_is_attached_once(model):
+    """Trainer drops the dataset columns ``forward`` does not name: the paged cache is wrapped by a forward pre-hook,
+    never by a ``forward(*args, **kwargs)`` override."""
+    for _ in range(2):
+        model.init_continuous_batching(generation_config=_greedy(2)).destroy()
+    assert {"input_ids", "labels", "position_ids"} <= set(inspect.signature(model.forward).parameters)
+    assert len(model._forward_pre_hooks) == 1
 
 
 def test_cpu_cache_is_sized_from_the_budget_not_the_free_ram(model):

@@ -204,12 +204,13 @@ def test_resume_across_layouts(runs, texts, tmp_path, first, then):
 def test_bad_layouts_are_refused_before_any_work(texts, tmp_path):
     proc = pretrain(texts, tmp_path / "a", "--dp", "2", check=False)  # not under torchrun
     assert proc.returncode == 2 and "torchrun --nproc-per-node 2" in proc.stderr
+    # each rank refuses on its own; torchrun may stop the slower one before it writes (a loaded machine), so >= 1
     proc = pretrain(texts, tmp_path / "b", "--dp", "3", ranks=2, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("--dp 3 needs 3 processes (--dp), but torchrun started 2") == 2
+    assert proc.returncode != 0 and proc.stderr.count("--dp 3 needs 3 processes (--dp), but torchrun started 2") >= 1
     proc = pretrain(texts, tmp_path / "c", "--dp", "2", "--micro-batch-size", "3", ranks=2, check=False)
     assert proc.returncode != 0 and "not divisible by --micro-batch-size 3 x --dp 2" in proc.stderr
     proc = pretrain(texts, tmp_path / "d", "--ep", "4", ranks=2, check=False)
-    assert proc.returncode != 0 and proc.stderr.count("--ep 4 must divide the 2 data-parallel ranks") == 2
+    assert proc.returncode != 0 and proc.stderr.count("--ep 4 must divide the 2 data-parallel ranks") >= 1
     proc = pretrain(texts, tmp_path / "e", "--ep", "2", "--dp", "4", ranks=2, check=False)
     assert proc.returncode != 0 and "needs 4 processes (--dp), but torchrun started 2" in proc.stderr
     proc = pretrain(texts, tmp_path / "f", "--ep", "2", check=False)  # not under torchrun
