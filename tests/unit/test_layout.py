@@ -142,17 +142,21 @@ def test_public_classes_module_is_assembly():
 FEATURES_WITH_PRIVATE_OVERRIDES = ("generation.hooks", "loading", "distributed.ep_inference")
 
 
-@pytest.mark.parametrize("feature", FEATURES_WITH_PRIVATE_OVERRIDES)
+#: features that call (not override) private transformers methods: their signatures are checked too
+FEATURES_USING_PRIVATE_API = ("generation.continuous_batching",)
+
+
+@pytest.mark.parametrize("feature", FEATURES_WITH_PRIVATE_OVERRIDES + FEATURES_USING_PRIVATE_API)
 def test_private_transformers_api_unchanged(feature):
-    """Each private transformers method a feature overrides still takes the parameters the override was written
-    for; when an upgrade changes one, this names the method, the transformers version and the file to update."""
+    """Each private transformers method a feature overrides or calls still takes the parameters the feature was
+    written for; when an upgrade changes one, this names the method, the transformers version and the file."""
     module = importlib.import_module(f"{NAME}.{feature}")
     for qualname, expected in module.PRIVATE_API.items():
         owner, method = qualname.split(".")
         found = tuple(inspect.signature(getattr(_transformers_class(owner), method)).parameters)
         assert found == expected, (
             f"transformers {transformers.__version__} changed the private {qualname}: parameters {found}, "
-            f"{NAME}/{feature.replace('.', '/')}.py was written for {expected}. Update the override there."
+            f"{NAME}/{feature.replace('.', '/')}.py was written for {expected}. Update it there."
         )
 
 
@@ -164,19 +168,6 @@ def _transformers_class(name):
         if hasattr(module, name):
             return getattr(module, name)
     raise AssertionError(f"transformers {transformers.__version__} no longer has {name}")
-
-
-def test_private_continuous_batching_api_unchanged():
-    """The paged-cache methods continuous batching calls (not overrides: they live in no other list) still take the
-    parameters ``generation/continuous_batching.py`` was written for."""
-    module = importlib.import_module(f"{NAME}.generation.continuous_batching")
-    for qualname, expected in module.PRIVATE_API.items():
-        owner, method = qualname.split(".")
-        found = tuple(inspect.signature(getattr(_transformers_class(owner), method)).parameters)
-        assert found == expected, (
-            f"transformers {transformers.__version__} changed the private {qualname}: parameters {found}, "
-            f"{NAME}/generation/continuous_batching.py was written for {expected}. Update it."
-        )
 
 
 def test_private_overrides_live_only_in_their_feature_files():
