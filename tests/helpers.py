@@ -26,6 +26,26 @@ def load(path, **kwargs) -> ds.DeepseekV3ForCausalLM:
     return ds.DeepseekV3ForCausalLM.from_pretrained(path, **kwargs)
 
 
+def oracle_model(path):
+    """A model whose MTP layer predicts exactly what the main model will: every block's output projections
+    are zero (each layer passes its input through), so the main model predicts from the current token alone,
+    and the MTP layer is wired to the embedding of the token it is given (eh_proj = [I, 0], the same norms and
+    head). Its drafts equal the target distribution."""
+    model = load(path)
+    d = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        mtp = model.model.mtp_layers[0]
+        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(d), torch.zeros(d, d)), 1))
+        mtp.enorm.weight.fill_(1.0)
+        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
+        mtp.shared_head.head.weight.copy_(model.lm_head.weight)
+        mtp.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+    return model
+
+
 def input_ids(batch=2, seq=12, vocab=TINY_CONFIG["vocab_size"], seed=0):
     """Random token ids (never 0/1, the BOS/EOS ids), reproducible by ``seed``."""
     return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

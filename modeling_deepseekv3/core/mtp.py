@@ -49,11 +49,14 @@ class DeepseekV3MTPLayer(DecoderBlock):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``next_input_ids [B, S]`` (tokens i+1), ``previous_hidden [B, S, D]`` (post-norm h_i) ->
-        ``(hidden [B, S, D] before shared_head.norm, logits [B, S, V])`` predicting tokens i+2."""
+        ``(hidden [B, S, D] before shared_head.norm, logits [B, S, V])`` predicting tokens i+2. ``logits_index``
+        (positions along S): the logits of those positions only, ``[B, len(index), V]`` (a packed batch drafts
+        from each sequence's last position; the head over every prompt position would cost more than the layer)."""
         e = self.enorm(self.embed_tokens(next_input_ids))
         h = self.hnorm(previous_hidden)
         x = self.eh_proj(torch.cat((e, h), dim=-1))  # (B, S, D)
         x = self.block(x, position_embeddings, attention_mask, cache)
-        return x, self.shared_head(x)
+        return x, self.shared_head(x if logits_index is None else x[:, logits_index])

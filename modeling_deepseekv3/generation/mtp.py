@@ -30,7 +30,14 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..core.attention import build_attention_mask
 from ..core.cache import LatentCache, StaticLatentCache
 
-__all__ = ["MTPGenerateOutput", "MTPStats", "mtp_decode", "mtp_generation_config"]
+__all__ = [
+    "MTPGenerateOutput",
+    "MTPStats",
+    "accept_drafts",
+    "mtp_decode",
+    "mtp_generation_config",
+    "speculative_tokens",
+]
 
 _FLAG = "_plugin_mtp_tokens"  # on the GenerationConfig generate() runs with: our loop, k drafts per step
 
@@ -49,16 +56,7 @@ def mtp_generation_config(model, generation_config, kwargs: dict):
         use_mtp = bool(getattr(base, "use_mtp", False))
     if not use_mtp:
         return generation_config, kwargs
-    if not model.model.mtp_layers:
-        raise ValueError(
-            "use_mtp=True needs the MTP layer, but this model was built without it (the checkpoint has no "
-            f"model.layers.{model.config.num_hidden_layers}.* tensors, or load_mtp=False). Load a checkpoint with "
-            "its MTP layer, or generate without use_mtp."
-        )
-    k = getattr(base, "num_speculative_tokens", None) if k is None else k
-    k = 1 if k is None else k
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"num_speculative_tokens must be an integer >= 1 (drafts per step), got {k!r}.")
+    k = speculative_tokens(model, base, k)
     for key in ("assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(key) is not None:
             raise ValueError(f"use_mtp=True already speculates with the MTP layer; drop {key}.")
@@ -83,6 +81,22 @@ def mtp_generation_config(model, generation_config, kwargs: dict):
     config.use_mtp = False
     setattr(config, _FLAG, k)
     return config, model_kwargs
+
+
+def speculative_tokens(model, generation_config, k: int | None = None) -> int:
+    """Drafts per step for ``use_mtp=True``: ``k``, else the config's ``num_speculative_tokens``, else 1; refused by
+    name when the model has no MTP layer or ``k`` is not a positive integer."""
+    if not model.model.mtp_layers:
+        raise ValueError(
+            "use_mtp=True needs the MTP layer, but this model was built without it (the checkpoint has no "
+            f"model.layers.{model.config.num_hidden_layers}.* tensors, or load_mtp=False). Load a checkpoint with "
+            "its MTP layer, or generate without use_mtp."
+        )
+    k = getattr(generation_config, "num_speculative_tokens", None) if k is None else k
+    k = 1 if k is None else k
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 1 (drafts per step), got {k!r}.")
+    return k
 
 
 def mtp_tokens(generation_config) -> int | None:
@@ -324,35 +338,39 @@ def _draft(model, layer, rows, h_last, logits_last, next_token, mtp_valid, mtp_c
 
 def _verify_row(rows, r, drafts, q_scores, logits, logits_processor, do_sample, stats):
     """Accept a prefix of the row's drafts; return ``(tokens to emit, accepted count)``. ``logits [k+1, V]``:
-    position j predicts the token after draft j (position 0: after the fed next token)."""
+    position j predicts the token after draft j (position 0: after the fed next token), processed with the prefix
+    it has in plain decoding."""
     k = drafts.shape[0]
+    p_scores = torch.cat([logits_processor(rows.prefix(r, drafts, j), logits[j : j + 1]) for j in range(k + 1)])
+    return accept_drafts(p_scores, drafts.tolist(), q_scores, do_sample, stats)
+
+
+def accept_drafts(p_scores, drafts: list[int], q_scores, do_sample: bool, stats: MTPStats | None):
+    """The lossless acceptance rule, shared with continuous batching: ``p_scores [m+1, V]`` the target's processed
+    scores (row j: the token after draft j), ``drafts`` m tokens, ``q_scores [m, V]`` the scores they were sampled
+    from (unused greedy). Greedy keeps drafts while they equal the target's argmax; sampling accepts draft j with
+    probability ``min(1, p/q)`` and resamples from ``norm(max(p - q, 0))`` at the first rejection. Returns ``(tokens
+    to emit, accepted count)``: the accepted drafts plus one token of the target's own (correction or bonus)."""
     tokens = []
-    for j in range(k + 1):
-        p_scores = logits_processor(rows.prefix(r, drafts, j), logits[j : j + 1])[0]  # (V,)
-        if j == k:  # every draft accepted: the bonus token from the main model
-            tokens.append(int(_choose(p_scores[None], do_sample)))
-            return tokens, k
-        stats.proposed[j] += 1
-        d = int(drafts[j])
+    for j, d in enumerate(drafts):
+        if stats is not None:
+            stats.proposed[j] += 1
         if not do_sample:
-            target = int(p_scores.argmax())
-            if target == d:
-                stats.accepted[j] += 1
-                tokens.append(d)
-                continue
-            tokens.append(target)
-            return tokens, j
-        p = p_scores.softmax(-1)
-        q = q_scores[j].softmax(-1)
-        if torch.rand((), device=p.device) * q[d] <= p[d]:  # accept with probability min(1, p/q)
+            target = int(p_scores[j].argmax())
+            if target != d:
+                return tokens + [target], j
+        else:
+            p = p_scores[j].softmax(-1)
+            q = q_scores[j].softmax(-1)
+            if torch.rand((), device=p.device) * q[d] > p[d]:  # rejected: accept with probability min(1, p/q)
+                residual = (p - q).clamp(min=0)
+                total = residual.sum()
+                return tokens + [int(torch.multinomial(residual / total if total > 0 else p, 1))], j
+        if stats is not None:
             stats.accepted[j] += 1
-            tokens.append(d)
-            continue
-        residual = (p - q).clamp(min=0)
-        total = residual.sum()
-        tokens.append(int(torch.multinomial(residual / total if total > 0 else p, 1)))
-        return tokens, j
-    raise AssertionError("unreachable")
+        tokens.append(d)
+    m = len(drafts)
+    return tokens + [int(_choose(p_scores[m : m + 1], do_sample))], m  # every draft accepted: the bonus token
 
 
 def _emit_all(rows, emitted, stopping_criteria, streamer, scores):

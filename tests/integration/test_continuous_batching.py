@@ -20,7 +20,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from helpers import load
 from modeling_deepseekv3.generation import continuous_batching as cb_mod
-from modeling_deepseekv3.generation.continuous_batching import PagedLatentBatch, _plan_groups, _plan_read, _visible
+from modeling_deepseekv3.generation import paged_latents as pl_mod
+from modeling_deepseekv3.generation.paged_latents import PagedLatentBatch, _plan_groups, _plan_read, _visible
 
 PROMPT_LENGTHS = (1, 3, 9, 17, 30, 64, 5, 120)
 
@@ -72,7 +73,7 @@ def test_generate_batch_greedy_equals_each_requests_generate(model, monkeypatch,
         assert out[f"req_{i}"].generated_tokens == _own_generate(model, prompt, _greedy(12)), f"request {i}"
     layouts = {layout for layout in calls}
     assert any(sum(r for r, _ in layout) > 1 for layout in layouts), "no step attended several requests at once"
-    assert any(any(q > cb_mod.DECODE_GROUP_MAX for _, q in layout) for layout in layouts), "no prefill chunk ran"
+    assert any(any(q > pl_mod.DECODE_GROUP_MAX for _, q in layout) for layout in layouts), "no prefill chunk ran"
 
 
 def test_requests_added_one_by_one_with_their_own_limits_and_eos(model):
@@ -215,8 +216,8 @@ def test_groups_cover_every_query_once_with_causal_visibility():
             for j in range(g.q_len):
                 assert mask[j].nonzero().flatten().tolist() == list(range(k_len - g.q_len + j + 1)), (i, j)
         lengths = [int((keys[r] != keys[r, -1]).sum()) + 1 for r in range(g.requests)]
-        assert min(lengths) >= cb_mod.DECODE_GROUP_FILL * max(lengths) or g.requests == 1
-    alone = [g for g in groups if g.q_len > cb_mod.DECODE_GROUP_MAX]
+        assert min(lengths) >= pl_mod.DECODE_GROUP_FILL * max(lengths) or g.requests == 1
+    alone = [g for g in groups if g.q_len > pl_mod.DECODE_GROUP_MAX]
     assert [(g.requests, g.q_len) for g in alone] == [(1, 40)]
     assert sorted(g.requests for g in groups if g.q_len == 1) == [1, 2, 2]  # {300, 290}, {100, 95}, {7}
 

@@ -19,7 +19,8 @@ import trl
 from peft import LoraConfig
 
 import modeling_deepseekv3 as ds
-from modeling_deepseekv3.generation.continuous_batching import ContinuousBatchingSupport, PagedLatentBatch
+from modeling_deepseekv3.generation.continuous_batching import ContinuousBatchingSupport
+from modeling_deepseekv3.generation.paged_latents import PagedLatentBatch
 
 SHIPPED = ROOT / "models" / "shakespeare-deepseek-v3"
 STEPS = 2

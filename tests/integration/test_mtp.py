@@ -12,7 +12,7 @@ import transformers
 from transformers import TextIteratorStreamer
 
 import modeling_deepseekv3 as ds
-from helpers import input_ids, load, native_from
+from helpers import input_ids, load, native_from, oracle_model
 from modeling_deepseekv3.generation import MTPStats
 
 
@@ -51,26 +51,6 @@ def test_greedy_is_identical_to_plain_decoding(request, fixture, k, batch):
 @pytest.fixture(scope="module")
 def tiny_bf16_mtp(tmp_path_factory):
     return ds.make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "bf16-mtp", fp8=False, seed=3)
-
-
-def oracle_model(path):
-    """A model whose MTP layer predicts exactly what the main model will: every block's output projections
-    are zero (each layer passes its input through), so the main model predicts from the current token alone,
-    and the MTP layer is wired to the embedding of the token it is given (eh_proj = [I, 0], the same norms and
-    head). Its drafts equal the target distribution."""
-    model = load(path)
-    d = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        mtp = model.model.mtp_layers[0]
-        mtp.eh_proj.weight.copy_(torch.cat((torch.eye(d), torch.zeros(d, d)), 1))
-        mtp.enorm.weight.fill_(1.0)
-        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
-        mtp.shared_head.head.weight.copy_(model.lm_head.weight)
-        mtp.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
-    return model
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])

@@ -139,11 +139,11 @@ def test_public_classes_module_is_assembly():
     assert len((PACKAGE / "modeling.py").read_text().splitlines()) <= 150
 
 
-FEATURES_WITH_PRIVATE_OVERRIDES = ("generation.hooks", "loading", "distributed.ep_inference")
+FEATURES_WITH_PRIVATE_OVERRIDES = ("generation.hooks", "generation.mtp_batching", "loading", "distributed.ep_inference")
 
 
 #: features that call (not override) private transformers methods: their signatures are checked too
-FEATURES_USING_PRIVATE_API = ("generation.continuous_batching",)
+FEATURES_USING_PRIVATE_API = ("generation.paged_latents",)
 
 
 @pytest.mark.parametrize("feature", FEATURES_WITH_PRIVATE_OVERRIDES + FEATURES_USING_PRIVATE_API)
@@ -161,10 +161,11 @@ def test_private_transformers_api_unchanged(feature):
 
 
 def _transformers_class(name):
-    from transformers.generation.continuous_batching import cache
+    from transformers.generation.continuous_batching import cache, continuous_api, input_outputs, requests, scheduler
     from transformers.generation.continuous_batching.cache_allocators import compressed_latents
 
-    for module in (transformers, transformers.generation.utils, cache, compressed_latents):
+    cb_modules = (cache, compressed_latents, continuous_api, input_outputs, requests, scheduler)
+    for module in (transformers, transformers.generation.utils, *cb_modules):
         if hasattr(module, name):
             return getattr(module, name)
     raise AssertionError(f"transformers {transformers.__version__} no longer has {name}")
