@@ -14,10 +14,11 @@ shipped model's own card text; the shipped model's context is 1024, so the longe
 Both continuous-batching runs get the same cache and batch settings (``num_blocks`` from the workload, batches of
 ``CPU_BATCH_TOKENS``; native's defaults would zero-fill 90% of the RAM and build an 8192-row dense mask over it). Wall
 time of the whole workload (prefill included), medians of ``--repeats`` interleaved rounds after a warm-up; the ratios are printed.
-Plus the cache bytes per token of each, and MTP: sequential ``generate(use_mtp=True)`` (continuous batching does not
-draft with MTP yet).
+Plus the cache bytes per token of each, and MTP (``--mtp-tokens`` drafts per step): continuous batching with the
+drafts inside the batch (``generation/mtp_batching.py``) and sequential ``generate(use_mtp=True)``, on the whole
+workload and on its first ``--small`` requests (where a batch is too small to fill the machine, MTP should pay).
 
-    python benchmarks/continuous_batching.py [--requests 32] [--new-tokens 128] [--repeats 3]
+    python benchmarks/continuous_batching.py [--requests 32] [--new-tokens 128] [--repeats 3] [--small 4]
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-native", action="store_true")
+    parser.add_argument("--mtp-tokens", type=int, default=1, help="MTP drafts per step")
+    parser.add_argument("--small", type=int, default=4, help="requests of the small-batch MTP comparison")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
@@ -103,11 +106,18 @@ def main():
         cb.num_blocks = cpu_cache_blocks(config, cb, dtype, hints)
         return cb
 
-    def batched(model):
+    mtp_stats = {}
+
+    def batched(model, requests=prompts, mtp=False, name=None):
         def run():
             gc = GenerationConfig(eos_token_id=None, **greedy)
-            out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb_config())
-            return [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+            if mtp:
+                gc.use_mtp, gc.num_speculative_tokens = True, args.mtp_tokens
+            out = model.generate_batch(requests, generation_config=gc, continuous_batching_config=cb_config())
+            outs = [out[f"req_{i}"] for i in range(len(requests))]
+            if mtp:
+                mtp_stats[name] = sum(o.mtp_stats.emitted for o in outs) / sum(o.mtp_stats.forwards for o in outs)
+            return [o.generated_tokens for o in outs]
 
         return run
 
@@ -120,7 +130,15 @@ def main():
 
         return run
 
-    runs = {"ours CB": batched(ours), "ours sequential": sequential(), "ours sequential MTP": sequential(use_mtp=True)}
+    small = prompts[: args.small]
+    runs = {
+        "ours CB": batched(ours),
+        "ours CB MTP": batched(ours, mtp=True, name="ours CB MTP"),
+        "ours sequential": sequential(),
+        "ours sequential MTP": sequential(use_mtp=True, num_speculative_tokens=args.mtp_tokens),
+        f"ours CB x{args.small}": batched(ours, small),
+        f"ours CB MTP x{args.small}": batched(ours, small, mtp=True, name=f"ours CB MTP x{args.small}"),
+    }
     native = None
     if not args.skip_native:
         bf16 = Path(args.bf16) if args.bf16 else Path("runs") / "cb_bench_bf16"
@@ -150,9 +168,18 @@ def main():
 
     print(f"total tokens/s (generated tokens / wall time of the whole workload), medians of {args.repeats}:")
     for name, t in med.items():
-        print(f"  {name:20s} {n_new / t:8.1f} tok/s  ({t:.2f} s)")
-    print(f"ours CB / ours sequential:      {ratio(med['ours sequential'], med['ours CB']):.2f}x")
+        generated = len(outputs[name]) * args.new_tokens
+        print(f"  {name:22s} {generated / t:8.1f} tok/s  ({t:.2f} s)")
+    print(f"ours CB / ours sequential:        {ratio(med['ours sequential'], med['ours CB']):.2f}x")
+    print(f"ours CB MTP / ours CB:            {ratio(med['ours CB'], med['ours CB MTP']):.2f}x")
+    small_cb, small_mtp = f"ours CB x{args.small}", f"ours CB MTP x{args.small}"
+    print(f"ours CB MTP / ours CB, {args.small} requests: {ratio(med[small_cb], med[small_mtp]):.2f}x")
     print(f"ours sequential MTP / sequential: {ratio(med['ours sequential'], med['ours sequential MTP']):.2f}x")
+    for name, tpf in mtp_stats.items():
+        print(f"  {name}: {tpf:.2f} tokens per verify forward (k = {args.mtp_tokens})")
+    for name, reference in (("ours CB MTP", "ours CB"), (small_mtp, small_cb)):
+        same = sum(a == b for a, b in zip(outputs[name], outputs[reference]))
+        print(f"  {name}: greedy tokens identical to {reference} for {same}/{len(outputs[name])} requests")
     if native is not None:
         print(f"ours CB / native CB:            {ratio(med['native CB'], med['ours CB']):.2f}x")
     same = sum(a == b for a, b in zip(outputs["ours CB"], outputs["ours sequential"]))

@@ -108,11 +108,6 @@ class ContinuousBatchingSupport:
         k = self._mtp_drafts(gen)
         new = kwargs.get("max_new_tokens", gen.max_new_tokens)
         copies = gen.num_return_sequences or 1
-        if k and copies > 1:
-            raise ValueError(
-                "use_mtp=True in continuous batching cannot fork a request into num_return_sequences > 1 copies; "
-                "repeat the prompt in the inputs instead."
-            )
         hints = WorkloadHints(
             max_prompt_length=max((len(x) for x in inputs), default=0),
             max_generated_length=(new or 0) + k,  # MTP: the last step's drafts take slots too

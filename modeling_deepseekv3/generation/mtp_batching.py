@@ -63,14 +63,26 @@ PRIVATE_API = {
 
 def attach_mtp(manager, model, k: int) -> None:
     """Make a new ``ContinuousBatchingManager`` of ``model`` draft ``k`` tokens per request and step with the MTP
-    layer (module docstring). Refuses asynchronous batching (each step's drafts come from the step before)."""
+    layer (module docstring). Refuses asynchronous batching (each step's drafts come from the step before) and
+    forked requests (``num_return_sequences > 1``: the copies would share their parent's drafts)."""
+    if (manager.generation_config.num_return_sequences or 1) > 1:
+        raise ValueError(
+            "use_mtp=True in continuous batching cannot fork a request into num_return_sequences > 1 copies; "
+            "repeat the prompt instead."
+        )
     cb = manager.continuous_batching_config
+    if cb.use_async_batching is None:
+        cb.use_async_batching = False
     if cb.use_async_batching:
         raise ValueError(
             "use_mtp=True in continuous batching drafts each step from the step before and needs synchronous "
             "batching; pass ContinuousBatchingConfig(use_async_batching=False)."
         )
     cb.allow_block_sharing = False  # a page that held rejected drafts must never be shared as a finished prefix
+    # the step runs its own forwards (verify, MTP layer) eagerly over read/write indices: no padded static shapes for
+    # CUDA graphs or compile, no block-table decode path
+    cb.use_cuda_graph, cb.varlen_compile_config, cb.decode_compile_config = False, None, None
+    cb.max_blocks_per_request = 0
     create = manager._create_batch_processor
 
     def create_with_mtp_pages():

@@ -167,6 +167,9 @@ def test_what_mtp_batching_cannot_do_is_refused_by_name(model, tiny_bf16_direct_
     forked.num_return_sequences = 2
     with pytest.raises(ValueError, match="num_return_sequences"):
         model.generate_batch(prompts, generation_config=forked, use_mtp=True)
+    forked.use_mtp = True
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.init_continuous_batching(generation_config=forked)
     with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1"):
         model.generate_batch(prompts, generation_config=_greedy(4), use_mtp=True, num_speculative_tokens=0)
     with pytest.raises(ValueError, match="needs the MTP layer"):
