@@ -31,8 +31,9 @@ Packaging, so that a user never notices:
   the failure is remembered for the process, and the callers take the torch path (dequantize, then
   ``F.linear``): slower, never a different answer, never a crash.
 
-Run-time ISA dispatch: AVX-512 (F/BW/VL) where the CPU has it, else AVX2+FMA+F16C, chosen by cpuid inside
-the library. ``DEEPSEEKV3_FP8_ISA=avx2|avx512|auto|off`` forces a variant for the process (``off``: the torch
+Run-time ISA dispatch, chosen by cpuid inside the library: AVX-512 (F/BW/VL) with GFNI and VBMI where the CPU
+has them (Zen 4, Ice Lake and later: the decode tiles' cheapest code widening), else AVX-512, else AVX2+FMA+F16C.
+``DEEPSEEKV3_FP8_ISA=avx2|avx512|avx512gfni|auto|off`` forces a variant for the process (``off``: the torch
 path); the private ``_isa`` argument of the wrappers does the same per call, for tests.
 """
 
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "fp8_cpu.cpp"
-ISAS = {"avx2": 1, "avx512": 2}  # the library's ISA codes (0 = best available)
+ISAS = {"avx2": 1, "avx512": 2, "avx512gfni": 3}  # the library's ISA codes (0 = best available)
 # Rows up to which `linear` streams the FP8 weight (widening it in registers, or once per K chunk into L1 for
 # more than 4 rows); above, chunked dequantization + BLAS is faster. Measured crossover (2048x7168 and
 # 7168x2048, one thread): 24-32 rows with AVX-512, 16-24 with AVX2 against an AVX-512 BLAS.
@@ -501,7 +502,7 @@ def _load() -> None:
     if forced in ("off", "none", "0", "torch"):
         raise NativeBuildError("disabled by DEEPSEEKV3_FP8_ISA=off")
     if forced not in ("auto", *ISAS):
-        raise NativeBuildError(f"DEEPSEEKV3_FP8_ISA must be auto, avx2, avx512 or off, got {forced!r}")
+        raise NativeBuildError(f"DEEPSEEKV3_FP8_ISA must be auto, {', '.join(ISAS)} or off, got {forced!r}")
     if platform.machine().lower() not in _X86:
         raise NativeBuildError(f"no kernel for {platform.machine()} CPUs (x86-64 with AVX2 only)")
     cxx = _compiler()

@@ -33,8 +33,10 @@ from helpers import (
     check_linear_with_ue8m0_scales,
     check_nan_and_inf_propagate_as_in_the_reference,
     quantized,
+    rel_err,
 )
 from modeling_deepseekv3.fp8 import FP8_DTYPE, FP8Linear, block_dequantize, native
+from modeling_deepseekv3.fp8.reference import fp8_matmul_reference
 
 if not native.load():
     pytest.skip(f"native FP8 kernel unavailable here: {native._state.get('error')}", allow_module_level=True)
@@ -96,6 +98,58 @@ def test_every_isa_variant_on_each_entry_point(isa):
         for path in HEAD_PATHS:
             check_head_matmul(isa, path, dtype, "tiny_partial", 2)
     check_dequantize_is_bit_identical_to_block_dequantize(isa, "partial_both")
+
+
+def every_code_weight(rows=12, cols=300):
+    """Each of the 256 e4m3 codes (subnormals, both NaN codes) in every row, shuffled per row; scales 2^-12..2^3."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.stack(
+        [torch.arange(cols, dtype=torch.int64)[torch.randperm(cols, generator=g)] % 256 for _ in range(rows)]
+    )
+    q = codes.to(torch.uint8).view(FP8_DTYPE)
+    nan_rows = [2, 7]  # only these keep the NaN codes 0x7F / 0xFF; elsewhere they become +-0
+    keep = torch.zeros(rows, 1, dtype=torch.bool)
+    keep[nan_rows] = True
+    q.view(torch.uint8)[((codes & 0x7F) == 0x7F) & ~keep] = 0
+    s = torch.exp2(torch.randint(-12, 4, (1, 3), generator=g).float()).expand(1, 3).contiguous()
+    return q, s, nan_rows
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_decode_tiles_read_every_code_exactly(isa, rows):
+    """The decode tiles (direct codes) on all 256 codes, subnormals included, at every decode row count: NaN
+    exactly where the reference has it (rows holding a NaN code), the rest equal to the reference; then with
+    denormals-are-zero on, which the direct tiles cannot honour (they fall back to the half tiles)."""
+    if isa not in native.supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    q, s, nan_rows = every_code_weight()
+    x = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows))
+    ref = fp8_matmul_reference(x, q, s, (128, 128))
+    assert set(torch.isnan(ref).any(0).nonzero().flatten().tolist()) == set(nan_rows)
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        try:
+            out = native.linear(x, q, s, (128, 128), _isa=isa)
+        finally:
+            torch.set_flush_denormal(False)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        finite = ~torch.isnan(ref)
+        assert rel_err(out[finite], ref[finite]) <= 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_decode_tiles_keep_large_products_finite(isa):
+    """Inputs and scales whose products reach 2^20 and more (the direct tiles scale the input by 2^(120 - d))."""
+    if isa not in native.supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    q, s = quantized((256, 384), (128, 128))
+    for x_scale, s_scale in ((1e6, 1.0), (1.0, 2.0**20), (3e4, 2.0**10), (1e-30, 2.0**-20)):
+        x = torch.randn(2, 384, generator=torch.Generator().manual_seed(1)) * x_scale
+        out = native.linear(x, q, s * s_scale, (128, 128), _isa=isa)
+        ref = fp8_matmul_reference(x, q, s * s_scale, (128, 128))
+        assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+        assert rel_err(out, ref) <= 1e-5, (x_scale, s_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -226,7 +280,7 @@ def test_isa_environment_variable_turns_the_kernel_off(monkeypatch):
     fallback_matches_the_reference(r"disabled by DEEPSEEKV3_FP8_ISA=off")
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("DEEPSEEKV3_FP8_ISA", "neon")
-    fallback_matches_the_reference(r"DEEPSEEKV3_FP8_ISA must be auto, avx2, avx512 or off, got 'neon'")
+    fallback_matches_the_reference(r"DEEPSEEKV3_FP8_ISA must be auto, avx2, avx512, avx512gfni or off, got 'neon'")
 
 
 def test_a_cpu_without_the_isa_gets_the_torch_path_and_one_notice(monkeypatch):

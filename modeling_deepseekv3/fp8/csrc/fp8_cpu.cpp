@@ -21,7 +21,8 @@
 //   which is the reference formula as written.
 // * Three shapes of work for y = x @ W.T, picked by the number of input rows T:
 //   - T <= tt_max (decode; 4 with AVX-512, 2 with AVX2): "tiles" widen the codes of 4 weight rows in
-//     registers straight into the FMAs;
+//     registers straight into the FMAs -- as "direct" floats (code * 2^-120, 3 ops per 8-16 codes, or with
+//     GFNI + VBMI 4 ops per 64), not through halves (see "direct tiles");
 //   - up to max_stream_rows (24, from Python; batched decode, MoE experts at prefill): each K chunk of 4 weight
 //     rows is widened once into an L1-sized fp32 buffer and every input row runs against it (re-widening per
 //     input tile would otherwise cost more than the FMAs);
@@ -29,10 +30,11 @@
 //     is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize) and
 //     multiplied with aten::mm into the output's columns. The weight stays FP8 in memory throughout.
 // * One translation unit, per-function target attributes and run-time dispatch through cpuid: one build
-//   runs on any x86-64. Variants: AVX2+FMA+F16C (16 codes per step) and AVX-512 F/BW/VL (32). Elsewhere no
-//   variant exists and Python falls back. (Measured and left out: an AVX-512 VBMI variant looking exact bf16
-//   values up in byte tables was 10% faster on cached weights, no faster from DRAM; AMX would speed up the
-//   multiply-adds, which decode is not bound by.)
+//   runs on any x86-64. Variants: AVX2+FMA+F16C (16 codes per step), AVX-512 F/BW/VL (32) and AVX-512 with
+//   GFNI + VBMI (the same, with the GFNI decode tiles). Elsewhere no variant exists and Python falls back.
+//   (Measured and left out: an AVX-512 VBMI variant looking exact bf16 values up in byte tables was 10% faster
+//   on cached weights, no faster from DRAM than the half tiles; AMX would speed up the multiply-adds, which
+//   decode is not bound by.)
 // * Threads: torch's intra-op pool through the stable ABI (torch::stable::parallel_for), so
 //   torch.set_num_threads applies and the kernel never oversubscribes the cores torch already uses. Small
 //   products run on the calling thread (see MIN_THREAD_WORK): waking the pool costs more than they do.
@@ -46,6 +48,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -62,13 +65,17 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-constexpr int64_t ISA_AUTO = 0, ISA_AVX2 = 1, ISA_AVX512 = 2;
+constexpr int64_t ISA_AUTO = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_GFNI = 3;
 constexpr int64_t KPAD = 64;  // scaled-input rows are zero-padded to a multiple of this (>= any vector step)
 // Software prefetch. The widening costs enough per byte that the hardware prefetcher alone leaves memory
 // idle. Measured from DRAM, one thread: 1 KiB ahead along each row into L1 (512 B and 2 KiB: less) plus
 // the same columns of the next tile's rows into L2 -- 2048x7168 8.1 -> 9.9 G codes/s, 2048x1024
 // (short rows, where in-row lookahead alone reaches little) 4.6 -> 7.7.
 constexpr int64_t PREFETCH = 1024;
+// The direct tiles prefetch into L2 the rows at least this many bytes after the tile's (the next tiles' rows, at
+// the same columns): one tile ahead is too close for short rows (K = 1024-1536: 15 -> 20 GB/s, Zen 4, one thread).
+constexpr int64_t PREFETCH_L2_BYTES = 16384;
+inline int64_t l2_rows_ahead(int64_t R, int64_t ldw) { return std::max(R, (PREFETCH_L2_BYTES + ldw - 1) / ldw); }
 #define DSV3_PREFETCH(p) __builtin_prefetch((p), 0, 3)     // prefetcht0
 #define DSV3_PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)  // prefetcht1
 constexpr int64_t KCHUNK = 512;  // codes per row widened at a time when more rows than a tile takes (4 rows: 8 KiB of L1)
@@ -97,6 +104,8 @@ int64_t detect_isa_mask() {
   if (b & (1u << 5)) mask |= 1 << ISA_AVX2;
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
   if ((mask & (1 << ISA_AVX2)) && avx512 && (xlo & 0xE6) == 0xE6) mask |= 1 << ISA_AVX512;  // + opmask, ZMM
+  const bool vbmi = c & (1u << 1), gfni = c & (1u << 8);
+  if ((mask & (1 << ISA_AVX512)) && vbmi && gfni) mask |= 1 << ISA_AVX512_GFNI;
   return mask;
 #else
   return 0;
@@ -111,11 +120,12 @@ int64_t isa_mask() {
 int64_t resolve_isa(int64_t isa) {
   const int64_t mask = isa_mask();
   if (isa == ISA_AUTO) {
+    if (mask & (1 << ISA_AVX512_GFNI)) return ISA_AVX512_GFNI;
     if (mask & (1 << ISA_AVX512)) return ISA_AVX512;
     if (mask & (1 << ISA_AVX2)) return ISA_AVX2;
     STD_TORCH_CHECK(false, "deepseekv3_fp8: this CPU has no AVX2+FMA+F16C; use the torch fallback");
   }
-  STD_TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512, "deepseekv3_fp8: unknown isa ", isa);
+  STD_TORCH_CHECK(isa == ISA_AVX2 || isa == ISA_AVX512 || isa == ISA_AVX512_GFNI, "deepseekv3_fp8: unknown isa ", isa);
   STD_TORCH_CHECK(mask & (1 << isa), "deepseekv3_fp8: isa ", isa, " is not supported by this CPU");
   return isa;
 }
@@ -175,6 +185,7 @@ struct Kernels {
   int col_tt_max;        // input rows per column tile
   int64_t col_width;     // columns per column tile
   TileFn tile[2][5];     // [R == 4][TT]
+  TileFn direct[2][5];   // [R == 4][TT]: the same product on direct codes (see "direct tiles" below)
   ColFn col[5];          // [TT]
   DequantFn dequant_row;
   int vw;                // floats per vector
@@ -249,6 +260,78 @@ DSV3_AVX2 void tile_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64_t
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) res[r * TT + t] = hsum256(acc[r][t]);
+}
+
+// -- direct tiles (decode). Widening through halves costs ~13 vector ops per 16 codes (two of them F16C
+// converts), which caps one core at ~11 GB/s of weights, well under DRAM. A float can hold an e4m3 code
+// directly: sign to bit 31, the 4 exponent and 3 mantissa bits to bits 26..20, everything else zero. That float
+// is exactly code * 2^-120 -- normal codes land on normal floats with exponents 1..15, subnormal codes on float
+// subnormals bit for bit -- so 8 codes take 3 ops (sign-extend to 32 bits, shift, mask). The driver scales the
+// input by 2^(120 - d) instead of 2^8, d >= 0 chosen so that the scaled input cannot overflow, and multiplies
+// the result by 2^d. NaN codes (S.1111.111) would read as 1.875 * 2^-105: each row's codes are also max-reduced
+// (as 7-bit magnitudes) and a row that held one gives NaN, as the reference does. Float subnormals make these
+// kernels wrong under denormals-are-zero (MXCSR.DAZ, torch.set_flush_denormal(True)); the driver then uses the
+// half tiles. Measured on a Zen 4 core, one thread, weights from DRAM: the inner loop alone reads 14.0 GB/s with
+// half tiles, 17.9 direct; the whole op on 8192x3072 (one input row) 11.9 -> 15.8 GB/s (GFNI: 16.6).
+// direct<R, TT>: res[r * TT + t] = sum_k xs[t * ldx + k] * code(w[r * ldw + k]) * 2^-120, NaN for a row with a
+// NaN code; xs zero-padded to a multiple of KPAD as for the half tiles.
+constexpr uint32_t DIRECT_MASK = 0x87F00000u;
+
+DSV3_AVX2_INLINE __m256 direct8(const uint8_t* p) {
+  const __m256i d = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), _mm256_set1_epi32(int(DIRECT_MASK))));
+}
+
+// 32 codes of each of R rows into acc[r][t]; nan[r] keeps the largest 7-bit magnitude seen
+template <int R, int TT>
+DSV3_AVX2_INLINE void direct_step_avx2(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx,
+                                       __m256 (&acc)[R][TT], __m256i (&nan)[R]) {
+  for (int r = 0; r < R; ++r) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[r]));
+    nan[r] = _mm256_max_epu8(nan[r], _mm256_and_si256(c, _mm256_set1_epi8(0x7F)));
+  }
+  for (int q = 0; q < 4; ++q) {
+    __m256 x[TT];
+    for (int t = 0; t < TT; ++t) x[t] = _mm256_loadu_ps(xs + t * ldx + 8 * q);
+    for (int r = 0; r < R; ++r) {
+      const __m256 f = direct8(wp[r] + 8 * q);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(f, x[t], acc[r][t]);
+    }
+  }
+}
+
+template <int R, int TT>
+DSV3_AVX2 void direct_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  __m256 acc[R][TT];
+  __m256i nan[R];
+  for (int r = 0; r < R; ++r) {
+    nan[r] = _mm256_setzero_si256();
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+  }
+  const int64_t kmain = K & ~int64_t(31), ahead = l2_rows_ahead(R, ldw);
+  for (int64_t k = 0; k < kmain; k += 32) {
+    const uint8_t* wp[R];
+    if ((k & 63) == 0)
+      for (int r = 0; r < R; ++r) {
+        DSV3_PREFETCH(w + r * ldw + k + PREFETCH);
+        DSV3_PREFETCH_L2(w + (r + ahead) * ldw + k);
+      }
+    for (int r = 0; r < R; ++r) wp[r] = w + r * ldw + k;
+    direct_step_avx2<R, TT>(wp, xs + k, ldx, acc, nan);
+  }
+  if (kmain < K) {  // tail: zero-padded copies of the last codes (xs is zero-padded there too)
+    alignas(32) uint8_t pad[R][32] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));
+      wp[r] = pad[r];
+    }
+    direct_step_avx2<R, TT>(wp, xs + kmain, ldx, acc, nan);
+  }
+  for (int r = 0; r < R; ++r) {
+    const bool has_nan = _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan[r], _mm256_set1_epi8(0x7F))) != 0;
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = has_nan ? __builtin_nanf("") : hsum256(acc[r][t]);
+  }
 }
 
 template <int TT>
@@ -417,6 +500,129 @@ DSV3_AVX512 void tile_avx512(const float* xs, int64_t ldx, const uint8_t* w, int
     for (int t = 0; t < TT; ++t) res[r * TT + t] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// -- direct tiles, AVX-512: 16 codes per vector as above (Zen 4: 23 GB/s from L2, 18 from DRAM, one thread);
+// with GFNI + VBMI, 64 codes take 4 ops instead of 12: two GF(2) affine maps move each code's bits into the two
+// bytes its float needs (byte 3: sign and the top three exponent bits; byte 2: the last exponent bit and the
+// mantissa), and one two-source byte permute per 16 codes places both bytes into each float, zeroing the rest
+// (Zen 4: 26 GB/s from L2, 22 from DRAM -- 77% of the core's read bandwidth -- one thread).
+DSV3_AVX512_INLINE __m512 direct16(const uint8_t* p) {
+  const __m512i d = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 20), _mm512_set1_epi32(int(DIRECT_MASK))));
+}
+
+DSV3_AVX512_INLINE __m512i nan_max(__m512i acc, __m512i codes) {
+  return _mm512_max_epu8(acc, _mm512_and_si512(codes, _mm512_set1_epi8(0x7F)));
+}
+
+template <int R, int TT>
+DSV3_AVX512_INLINE void direct_step_avx512(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx,
+                                           __m512 (&acc)[R][TT], __m512i (&nan)[R]) {
+  for (int r = 0; r < R; ++r) nan[r] = nan_max(nan[r], _mm512_loadu_si512(wp[r]));
+  for (int q = 0; q < 4; ++q) {
+    __m512 x[TT];
+    for (int t = 0; t < TT; ++t) x[t] = _mm512_loadu_ps(xs + t * ldx + 16 * q);
+    for (int r = 0; r < R; ++r) {
+      const __m512 f = direct16(wp[r] + 16 * q);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(f, x[t], acc[r][t]);
+    }
+  }
+}
+
+#define DSV3_GFNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi,gfni")))
+#define DSV3_GFNI_INLINE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi,gfni"), always_inline)) inline
+
+// The 8x8 bit matrix of gf2p8affineqb that sets output bit i to input bit src[i] (-1: zero); the row of output
+// bit i is byte 7 - i of the matrix's qword.
+constexpr uint64_t bit_select(const std::array<int, 8>& src) {
+  uint64_t q = 0;
+  for (int i = 0; i < 8; ++i)
+    if (src[i] >= 0) q |= uint64_t(1u << src[i]) << (8 * (7 - i));
+  return q;
+}
+// code bits: s 7, exponent 6..3, mantissa 2..0. Float byte 3 = s 0000 e3 e2 e1; byte 2 = e0 m2 m1 m0 0000.
+constexpr uint64_t GF_HI = bit_select({4, 5, 6, -1, -1, -1, -1, 7}), GF_LO = bit_select({-1, -1, -1, -1, 0, 1, 2, 3});
+
+// permute indices: float j of quarter q takes byte 3 from hi[16 q + j] and byte 2 from lo[16 q + j] (index + 64)
+struct GfniIndex {
+  alignas(64) uint8_t b[4][64];
+  constexpr GfniIndex() : b{} {
+    for (int q = 0; q < 4; ++q)
+      for (int j = 0; j < 16; ++j) {
+        b[q][4 * j + 2] = uint8_t(64 + 16 * q + j);
+        b[q][4 * j + 3] = uint8_t(16 * q + j);
+      }
+  }
+};
+constexpr GfniIndex GFNI_INDEX{};
+
+template <int R, int TT>
+DSV3_GFNI_INLINE void gfni_step(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx, const __m512i (&idx)[4],
+                                __m512 (&acc)[R][TT], __m512i (&nan)[R]) {
+  constexpr __mmask64 bytes23 = 0xCCCCCCCCCCCCCCCCull;
+  __m512 x[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int q = 0; q < 4; ++q) x[t][q] = _mm512_loadu_ps(xs + t * ldx + 16 * q);
+  for (int r = 0; r < R; ++r) {
+    const __m512i c = _mm512_loadu_si512(wp[r]);
+    nan[r] = nan_max(nan[r], c);
+    const __m512i hi = _mm512_gf2p8affine_epi64_epi8(c, _mm512_set1_epi64(int64_t(GF_HI)), 0);
+    const __m512i lo = _mm512_gf2p8affine_epi64_epi8(c, _mm512_set1_epi64(int64_t(GF_LO)), 0);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 f = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi8(bytes23, hi, idx[q], lo));
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(f, x[t][q], acc[r][t]);
+    }
+  }
+}
+
+// The loop both 64-code direct tiles share, STEP(wp, x) being their step on 64 codes of each row at wp[r] (a
+// macro, not a template: the two must be compiled for different targets).
+#define DSV3_DIRECT_LOOP_512(STEP)                                                                                \
+  __m512 acc[R][TT];                                                                                              \
+  __m512i nan[R];                                                                                                 \
+  for (int r = 0; r < R; ++r) {                                                                                   \
+    nan[r] = _mm512_setzero_si512();                                                                              \
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();                                                 \
+  }                                                                                                               \
+  const int64_t kmain = K & ~int64_t(63), ahead = l2_rows_ahead(R, ldw);                                          \
+  for (int64_t k = 0; k < kmain; k += 64) {                                                                       \
+    const uint8_t* wp[R];                                                                                         \
+    for (int r = 0; r < R; ++r) {                                                                                 \
+      DSV3_PREFETCH(w + r * ldw + k + PREFETCH);                                                                  \
+      DSV3_PREFETCH_L2(w + (r + ahead) * ldw + k); /* next tiles' rows */                                         \
+      wp[r] = w + r * ldw + k;                                                                                    \
+    }                                                                                                             \
+    STEP(wp, xs + k);                                                                                             \
+  }                                                                                                               \
+  if (kmain < K) { /* tail: zero-padded copies of the last codes (xs is zero-padded there too) */                \
+    alignas(64) uint8_t pad[R][64] = {};                                                                          \
+    const uint8_t* wp[R];                                                                                         \
+    for (int r = 0; r < R; ++r) {                                                                                 \
+      std::memcpy(pad[r], w + r * ldw + kmain, size_t(K - kmain));                                                \
+      wp[r] = pad[r];                                                                                             \
+    }                                                                                                             \
+    STEP(wp, xs + kmain);                                                                                         \
+  }                                                                                                               \
+  for (int r = 0; r < R; ++r) {                                                                                   \
+    const bool has_nan = _mm512_cmpeq_epi8_mask(nan[r], _mm512_set1_epi8(0x7F)) != 0;                             \
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = has_nan ? __builtin_nanf("") : _mm512_reduce_add_ps(acc[r][t]); \
+  }
+
+template <int R, int TT>
+DSV3_AVX512 void direct_avx512(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+#define DSV3_STEP(wp, x) direct_step_avx512<R, TT>(wp, x, ldx, acc, nan)
+  DSV3_DIRECT_LOOP_512(DSV3_STEP)
+#undef DSV3_STEP
+}
+
+template <int R, int TT>
+DSV3_GFNI void direct_gfni(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  const __m512i idx[4] = {_mm512_load_si512(GFNI_INDEX.b[0]), _mm512_load_si512(GFNI_INDEX.b[1]),
+                          _mm512_load_si512(GFNI_INDEX.b[2]), _mm512_load_si512(GFNI_INDEX.b[3])};
+#define DSV3_STEP(wp, x) gfni_step<R, TT>(wp, x, ldx, idx, acc, nan)
+  DSV3_DIRECT_LOOP_512(DSV3_STEP)
+#undef DSV3_STEP
+}
+
 template <int TT>
 DSV3_AVX512 void col_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows,
                             int64_t ncols, const float* scale, float* acc_out, int64_t lda) {
@@ -530,13 +736,19 @@ DSV3_AVX512 void dequant_row_avx512(const uint8_t* w, int64_t N, const float* sc
 #define DSV3_COLS(fn) {fn<1>, fn<1>, fn<2>, fn<3>, fn<4>}
 #define DSV3_FMAS(fn) DSV3_TILES(fn)
 
-const Kernels kAvx2 = {2, 2, 32, DSV3_TILES(tile_avx2), DSV3_COLS(col_avx2), dequant_row_avx2,
-                          8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2)};
-const Kernels kAvx512 = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_COLS(col_avx512), dequant_row_avx512,
-                            16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
+const Kernels kAvx2 = {2, 2, 32, DSV3_TILES(tile_avx2), DSV3_TILES(direct_avx2), DSV3_COLS(col_avx2),
+                       dequant_row_avx2, 8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2)};
+const Kernels kAvx512 = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_TILES(direct_avx512), DSV3_COLS(col_avx512),
+                         dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
+const Kernels kAvx512Gfni = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_TILES(direct_gfni), DSV3_COLS(col_avx512),
+                             dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
 
 const Kernels& kernels_for(int64_t isa) {
-  return resolve_isa(isa) == ISA_AVX512 ? kAvx512 : kAvx2;
+  switch (resolve_isa(isa)) {
+    case ISA_AVX512_GFNI: return kAvx512Gfni;
+    case ISA_AVX512: return kAvx512;
+    default: return kAvx2;
+  }
 }
 
 #else  // no x86: Python never calls in (the ISA mask is 0); keep the ops defined with a clear error
@@ -593,12 +805,34 @@ std::vector<float> input_f32(const Tensor& x, int64_t G, int64_t T, int64_t K) {
   return out;
 }
 
-// scale row of row block rb, expanded per column and times 2^8 (the widened codes' unit is 2^-8; exact, a
-// power of two), zero-padded
-void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np) {
+// scale row of row block rb, expanded per column and times `unit` (the reciprocal of the widened codes' unit:
+// 2^8 for halves; a power of two, so exact), zero-padded
+void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np,
+               float unit = 256.0f) {
   const float* s = scale + rb * nb;
-  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * 256.0f;
+  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * unit;
   std::fill(dst + N, dst + Np, 0.0f);
+}
+
+// For the direct tiles (codes read as code * 2^-120): the exponent d >= 0 such that the scaled input
+// x * S * 2^(120 - d) and the scale row S * 2^(120 - d) stay finite, given the largest |x| of the rows and the
+// largest scale of the row block. d = 0 unless |x * S| reaches 2^6 (products then have the reference's
+// magnitudes exactly); the tile's sums are multiplied by 2^d afterwards.
+int direct_shift(float x_max, const float* scale_row_rb, int64_t nb) {
+  float s_max = 0.0f;
+  for (int64_t j = 0; j < nb; ++j) s_max = std::max(s_max, scale_row_rb[j]);
+  if (!(x_max > 0.0f && s_max > 0.0f) || !std::isfinite(x_max) || !std::isfinite(s_max)) return 0;  // NaN/Inf propagate
+  const int ex = std::ilogb(x_max) + 1, es = std::ilogb(s_max) + 1;  // |x| < 2^ex, S < 2^es
+  return std::max({0, ex + es - 7, es - 7});  // 2^(ex + es + 120 - d) <= 2^127
+}
+
+// denormals-are-zero (MXCSR bit 6) would read subnormal codes as zero in the direct tiles
+bool denormals_are_zero() {
+#if DSV3_X86
+  return (_mm_getcsr() & 0x40) != 0;
+#else
+  return false;
+#endif
 }
 
 // ---- stream: out[g, t, r] = x[g, t, :] @ W[row(g, r), :] ----------------------------------------------------
@@ -627,17 +861,24 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
     }
   }
   const int64_t unit_work = std::min(chunk, rows) * K * T;
+  // few rows (decode): the direct tiles, unless denormals-are-zero is on (then the half tiles)
+  const bool direct = T <= kn.tt_max && !denormals_are_zero();
+  std::vector<float> x_max(direct ? size_t(G) : 0, 0.0f);  // largest |x| of each group's rows
+  for (size_t i = 0; i < x_max.size(); ++i)
+    for (int64_t j = 0; j < T * K; ++j) x_max[i] = std::max(x_max[i], std::fabs(x32[i * size_t(T * K) + size_t(j)]));
   torch::stable::parallel_for(0, int64_t(units.size()), grain(unit_work), [&](int64_t u0, int64_t u1) {
     std::vector<float> xs(static_cast<size_t>(T * ldx), 0.0f), srow(static_cast<size_t>(Kp));
     std::vector<float> wbuf(T > kn.tt_max ? size_t(4 * KCHUNK) : 0), accm(T > kn.tt_max ? size_t(4 * T * kn.vw) : 0);
     int64_t have_g = -1, have_rb = -1;
-    float res[4 * 4];
+    float res[4 * 4], res_unit = 1.0f;
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& unit = units[size_t(u)];
       const int64_t base = unit.g * row_stride + row_offset;
       const int64_t rb = (base + unit.r0) / bm;
-      if (unit.g != have_g || rb != have_rb) {  // x_s[t, k] = x[g, t, k] * S[rb, k / bn] * 2^8
-        scale_row(s, nb, rb, K, bn, srow.data(), Kp);
+      if (unit.g != have_g || rb != have_rb) {  // x_s[t, k] = x[g, t, k] * S[rb, k / bn] * (1 / the codes' unit)
+        const int shift = direct ? direct_shift(x_max[size_t(unit.g)], s + rb * nb, nb) : 0;
+        scale_row(s, nb, rb, K, bn, srow.data(), Kp, direct ? std::ldexp(1.0f, 120 - shift) : 256.0f);
+        res_unit = std::ldexp(1.0f, shift);
         for (int64_t t = 0; t < T; ++t) {
           const float* xr = x32.data() + (unit.g * T + t) * K;
           float* d = xs.data() + t * ldx;
@@ -650,9 +891,10 @@ void stream(const Kernels& kn, const std::vector<float>& x32, int64_t G, int64_t
         const int tt = int(T);
         for (int64_t r = unit.r0; r < unit.r1;) {
           const int R = unit.r1 - r >= 4 ? 4 : 1;
-          kn.tile[R == 4][tt](xs.data(), ldx, w + (base + r) * N, N, K, res);
+          (direct ? kn.direct : kn.tile)[R == 4][tt](xs.data(), ldx, w + (base + r) * N, N, K, res);
           for (int i = 0; i < R; ++i)
-            for (int t = 0; t < tt; ++t) write_out(out, out_dt, (unit.g * T + t) * rows + r + i, res[i * tt + t]);
+            for (int t = 0; t < tt; ++t)
+              write_out(out, out_dt, (unit.g * T + t) * rows + r + i, res[i * tt + t] * res_unit);
           r += R;
         }
         continue;
