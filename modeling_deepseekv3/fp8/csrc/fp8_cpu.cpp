@@ -810,7 +810,8 @@ std::vector<float> input_f32(const Tensor& x, int64_t G, int64_t T, int64_t K) {
 void scale_row(const float* scale, int64_t nb, int64_t rb, int64_t N, int64_t bn, float* dst, int64_t Np,
                float unit = 256.0f) {
   const float* s = scale + rb * nb;
-  for (int64_t j = 0; j < N; ++j) dst[j] = s[j / bn] * unit;
+  for (int64_t j0 = 0, b = 0; j0 < N; j0 += bn, ++b)  // per block, not j / bn per column: a division per
+    std::fill(dst + j0, dst + std::min(N, j0 + bn), s[b] * unit);  // column cost more than a decode row block
   std::fill(dst + N, dst + Np, 0.0f);
 }
 
