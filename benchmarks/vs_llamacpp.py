@@ -19,7 +19,11 @@ Models: ``shipped`` (models/shakespeare-deepseek-v3, 19M parameters: overhead-bo
 dims and routing shape, 4 layers, 0.9B parameters: ``fp8_cpu.py``'s E2E shape, random FP8 weights, written once into
 ``--workdir``).
 
-    python benchmarks/vs_llamacpp.py [--models shipped,v3dims] [--threads 1,2] [--rounds 3]
+Then decode tokens/s against context on the V3-dims model, one thread (``--contexts``; ``0`` skips it): ours, llama.cpp
+Q8_0 and transformers' native DeepSeek-V3 (fp32, on the same BF16 export llama.cpp converts), interleaved per
+context, plotted to ``--plot`` (benchmarks/decode_vs_context.png).
+
+    python benchmarks/vs_llamacpp.py [--models shipped,v3dims] [--threads 1,2] [--rounds 3] [--contexts 8,512,...]
 """
 
 from __future__ import annotations
@@ -247,6 +251,8 @@ def main():
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "vs_llamacpp"))
     parser.add_argument("--json", default=None, help="write every figure here")
+    parser.add_argument("--contexts", default="8,512,1024,2048", help="V3-dims decode vs context (0: skip)")
+    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "decode_vs_context.png"))
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     llama_cpp_module()
@@ -258,7 +264,16 @@ def main():
 
     from continuous_batching import cpu_model
 
-    print(f"{cpu_model()}, torch {torch.__version__}, llama-cpp-python {llama_cpp_module().__version__}")
+    from modeling_deepseekv3.fp8 import native
+
+    native.load()
+    isas = native.supported_isas()
+    forced = os.environ.get("DEEPSEEKV3_FP8_ISA", "auto")
+    kernel = forced if forced != "auto" else (max(isas, key=native.ISAS.__getitem__) if isas else "torch fallback")
+    print(
+        f"{cpu_model()}, torch {torch.__version__}, llama-cpp-python {llama_cpp_module().__version__}, "
+        f"our FP8 kernel: {kernel} (this CPU runs {', '.join(isas) or 'none'})"
+    )
     bandwidth = {t: read_bandwidth(t) for t in threads}
     print("read bandwidth: " + ", ".join(f"{bandwidth[t] / 1e9:.1f} GB/s at {t} thread(s)" for t in threads))
 
@@ -332,8 +347,74 @@ def main():
             print(f"  greedy tokens, ours vs llama.cpp F16: {same}/{len(tokens['ours FP8'])} identical (rounding)")
             for fmt in ggufs:
                 del engines[f"llama.cpp {fmt}"]
+    if args.contexts != "0":
+        contexts = [int(c) for c in args.contexts.split(",")]
+        results["decode vs context, v3dims, 1 thread"] = sweep = decode_vs_context(workdir, contexts, args.rounds)
+        plot(sweep, args.plot, f"{cpu_model()}, our FP8 kernel: {kernel}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def decode_vs_context(workdir: Path, contexts: list[int], rounds: int, steps: int = 8) -> dict:
+    """``{engine: {context: tok/s}}``: the median decode step after a prompt of each length, one thread."""
+    torch.set_num_threads(1)
+    path = make_v3dims(workdir)
+    ggufs = write_ggufs("v3dims", path, workdir)
+    native = Native(workdir / "v3dims-bf16")
+    engines = {
+        "ours FP8": Ours(path),
+        "llama.cpp Q8_0": LlamaCpp(ggufs["Q8_0"], 1, max(contexts) + steps + 8),
+        "transformers native (fp32)": native,
+    }
+    vocab = native.model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = {c: torch.randint(2, vocab, (c,), generator=g).tolist() for c in contexts}
+    for engine in engines.values():  # warm-up
+        engine.decode(prompts[contexts[0]], 2)
+    samples = {label: {c: [] for c in contexts} for label in engines}
+    for _ in range(rounds):
+        for c in contexts:
+            for label, engine in engines.items():
+                samples[label][c].append(engine.decode(prompts[c], steps)[0])
+    sweep = {
+        label: {c: 1 / checked(statistics.median(v), f"{label} @{c}") for c, v in s.items()}
+        for label, s in samples.items()
+    }
+    print(f"\n== decode tok/s vs context, v3dims, 1 thread (median step of {steps}, {rounds} rounds)")
+    print(f"  {'context':>8s} " + " ".join(f"{label:>26s}" for label in sweep))
+    for c in contexts:
+        print(f"  {c:8d} " + " ".join(f"{sweep[label][c]:26.1f}" for label in sweep))
+    return sweep
+
+
+class Native(Ours):
+    """transformers' own DeepSeek-V3 (its expanded-cache attention) on the BF16 export, in fp32."""
+
+    def __init__(self, path: Path):
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def plot(sweep: dict, out: str, machine: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib missing: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in sweep.items():
+        ax.plot(list(points), list(points.values()), marker="o", label=label)
+    ax.set_xlabel("context (tokens before the decoded one)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"Decode speed vs context, V3-dims model (0.9B), 1 thread\n{machine}")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"  plot: {out}")
 
 
 if __name__ == "__main__":
