@@ -237,6 +237,16 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .checkpoint import make_tiny_checkpoint
     from .checkpoint.tiny import SERVABLE_DIMS
 
+    config = None
+    if args.config is not None:
+        import json
+
+        try:
+            config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--config {args.config}: cannot read it as a JSON config ({exc}).") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--config {args.config}: must hold a JSON object, got a {type(config).__name__}.")
     out = make_tiny_checkpoint(
         args.dir,
         fp8=not args.bf16,
@@ -245,7 +255,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
         seed=args.seed,
         scale_fmt=args.scale_fmt,
         overrides=SERVABLE_DIMS if args.servable else None,
+        config=config,
         overwrite=args.overwrite,
+        progress=config is not None,
     )
     print(f"wrote {out}")
     return 0
@@ -477,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--servable",
         action="store_true",
         help="V3's latent width (kv_lora_rank 512, rope 64), which serving engines' MLA kernels need",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="a model's config.json to take the shape from instead of the tiny one, e.g. "
+        "hub_config/moonlight/config.json (16 GB in FP8; written shard by shard, with a progress bar)",
     )
     p.add_argument(
         "--overwrite",

@@ -126,19 +126,28 @@ def make_tiny_checkpoint(
     seed: int = 0,
     scale_fmt: str | None = None,
     overrides: dict | None = None,
+    config: dict | None = None,
     tokenizer: bool = True,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
-    """Write a random tiny model in the exact official layout and return its directory.
+    """Write a random model in the exact official layout (tiny unless ``config`` says otherwise); return its
+    directory.
 
     Sharded safetensors named like the Hub's (``model-00001-of-000002.safetensors``) with
     ``model.safetensors.index.json``; FP8 weights (float8_e4m3fn + float32 ``weight_scale_inv``, 128x128
     blocks, power-of-two scales with ``scale_fmt="ue8m0"``) or BF16 weights; BF16 router weight, FP32
     router bias, per-expert keys, and (``mtp=True``) the MTP layer with its extras, its embedding and
-    head copies of the main ones, all in the last shard as in the official files. ``overrides`` change
-    fields of :data:`TINY_CONFIG`. With ``tokenizer=True`` a small byte-level BPE with DeepSeek's special
-    tokens and chat template is saved alongside (so ``pipeline()`` and chat work), plus a greedy
-    ``generation_config.json``. The directory appears only when complete (:func:`~.atomic.atomic_directory`).
+    head copies of the main ones, all in the last shard as in the official files. ``config`` is the model's
+    fields (a Hub ``config.json``'s dict, e.g. ``hub_config/moonlight/config.json``) in place of
+    :data:`TINY_CONFIG`; ``overrides`` change fields of either. With ``tokenizer=True`` a small byte-level BPE
+    with DeepSeek's special tokens and chat template is saved alongside (so ``pipeline()`` and chat work),
+    plus a greedy ``generation_config.json``. The directory appears only when complete
+    (:func:`~.atomic.atomic_directory`).
+
+    Shards are written as soon as their last tensor exists, so memory holds about one shard, not the model: a
+    real-size shape (Moonlight's 16 GB in FP8) is written on a box with less memory than that; ``progress``
+    shows a bar over the bytes.
 
     ``path`` must not exist or be an empty directory. ``overwrite=True`` replaces a directory only when it holds
     a checkpoint of this function and nothing else (:func:`_check_replaceable`): the replaced directory is
@@ -148,43 +157,54 @@ def make_tiny_checkpoint(
         raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
     path = Path(path)
     _check_replaceable(path, overwrite)
-    config_dict = dict(TINY_CONFIG)
+    config_dict = dict(TINY_CONFIG if config is None else config)
     config_dict.update(overrides or {})
     if not mtp:
         config_dict["num_nextn_predict_layers"] = 0
     config_dict = _official_config_dict(config_dict, fp8, scale_fmt, torch.bfloat16)
     config = DeepseekV3PluginConfig.from_dict(config_dict)
     layout = checkpoint_layout(config)
+    nbytes = {name: math.prod(spec.shape) * spec.dtype.itemsize for name, spec in layout.items()}
+    shards = _assign_shards(list(layout), nbytes, num_shards, config)
     gen = torch.Generator().manual_seed(seed)
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, spec in layout.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue  # produced together with its weight
-        mtp_copy = _mtp_copy_source(name, config)
-        if mtp_copy is not None:
-            tensors[name] = tensors[mtp_copy].clone()
-            continue
-        weight = _random_tensor(name, spec, gen)
-        if spec.dtype == FP8_DTYPE:
-            q, s = block_quantize(weight, config.fp8_block_size, scale_fmt)
-            tensors[name] = q
-            tensors[name[: -len("weight")] + SCALE_SUFFIX] = s
-        else:
-            tensors[name] = weight.to(spec.dtype).contiguous()
-    if "lm_head.weight" in tensors:  # write the MTP head copy from the final lm_head
-        for i in mtp_layer_indices(config):
-            tensors[f"model.layers.{i}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-
-    shards = _assign_shards(list(layout), tensors, num_shards, config)
     with atomic_directory(path) as staging:
-        weight_map = {}
-        for file, names in shards.items():
-            save_file({n: tensors[n] for n in names}, str(staging / file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in names})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        writer = _ShardWriter(staging, shards, total=sum(nbytes.values()), progress=progress)
+        sources: dict[str, torch.Tensor] = {}  # what MTP's embedding and head copy
+        for name, spec in layout.items():
+            if name.endswith(SCALE_SUFFIX):
+                continue  # produced together with its weight
+            mtp_copy = _mtp_copy_source(name, config)
+            if mtp_copy is not None:
+                writer.add(name, sources[mtp_copy].clone())
+                continue
+            # An untied MTP head is drawn and then replaced by the final lm_head's copy (below): drawing it
+            # keeps the random stream, hence every tiny checkpoint's values, as they have always been.
+            weight = _random_tensor(name, spec, gen)
+            if name.endswith(".shared_head.head.weight"):
+                continue
+            if spec.dtype == FP8_DTYPE:
+                q, s = block_quantize(weight, config.fp8_block_size, scale_fmt)
+                writer.add(name, q)
+                writer.add(name[: -len("weight")] + SCALE_SUFFIX, s)
+            else:
+                weight = weight.to(spec.dtype).contiguous()
+                writer.add(name, weight)
+                if name in ("model.embed_tokens.weight", "lm_head.weight") and config.num_nextn_predict_layers:
+                    sources[name] = weight
+        if "lm_head.weight" in sources:  # the MTP head copies of the final lm_head
+            for i in mtp_layer_indices(config):
+                writer.add(f"model.layers.{i}.shared_head.head.weight", sources["lm_head.weight"].clone())
+        writer.close()
+
         (staging / INDEX_NAME).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            json.dumps(
+                {
+                    "metadata": {"total_size": sum(nbytes.values())},
+                    "weight_map": dict(sorted(writer.weight_map.items())),
+                },
+                indent=2,
+            )
         )
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
         stamp_remote_code(staging)  # auto_map + shims: trust_remote_code tools reach this package
@@ -198,6 +218,35 @@ def make_tiny_checkpoint(
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _check_replaceable(path, overwrite)  # again: the folder may have changed while the weights were written
     return path
+
+
+class _ShardWriter:
+    """Collects tensors per shard and saves a shard the moment its last tensor arrives, then drops it."""
+
+    def __init__(self, staging: Path, shards: dict[str, list[str]], total: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.staging = staging
+        self.missing = {file: set(names) for file, names in shards.items()}
+        self.shard_of = {name: file for file, names in shards.items() for name in names}
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {file: {} for file in shards}
+        self.weight_map: dict[str, str] = {}
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        file = self.shard_of[name]
+        self.buffers[file][name] = tensor
+        self.missing[file].discard(name)
+        self.weight_map[name] = file
+        self.bar.update(tensor.numel() * tensor.element_size())
+        if not self.missing[file]:
+            save_file(self.buffers.pop(file), str(self.staging / file), metadata={"format": "pt"})
+
+    def close(self) -> None:
+        self.bar.close()
+        unwritten = sorted(name for names in self.missing.values() for name in names)
+        if unwritten:  # a layout/writer disagreement: never publish a checkpoint missing tensors
+            raise RuntimeError(f"make_tiny_checkpoint produced no tensor for {_listing(unwritten)}.")
 
 
 #: What :func:`make_tiny_checkpoint` writes, besides its shards: a folder holding nothing else is its output.
@@ -284,14 +333,14 @@ def _mtp_copy_source(name: str, config) -> str | None:
     return None
 
 
-def _assign_shards(order: list[str], tensors: dict[str, torch.Tensor], num_shards: int, config) -> dict[str, list[str]]:
+def _assign_shards(order: list[str], nbytes: dict[str, int], num_shards: int, config) -> dict[str, list[str]]:
     """Contiguous, roughly equal-byte shards in layout order; MTP tensors go to the last shard."""
     mtp_prefixes = tuple(f"model.layers.{i}." for i in mtp_layer_indices(config))
     main = [n for n in order if not n.startswith(mtp_prefixes)]
     mtp = [n for n in order if n.startswith(mtp_prefixes)]
     names = [f"model-{i + 1:05d}-of-{num_shards:06d}.safetensors" for i in range(num_shards)]
     main_shards = num_shards - 1 if (mtp and num_shards > 1) else num_shards
-    total = sum(tensors[n].numel() * tensors[n].element_size() for n in main)
+    total = sum(nbytes[n] for n in main)
     target = total / main_shards
     out: dict[str, list[str]] = {name: [] for name in names}
     shard, acc = 0, 0
@@ -299,6 +348,6 @@ def _assign_shards(order: list[str], tensors: dict[str, torch.Tensor], num_shard
         if acc >= target * (shard + 1) and shard < main_shards - 1:
             shard += 1
         out[names[shard]].append(n)
-        acc += tensors[n].numel() * tensors[n].element_size()
+        acc += nbytes[n]
     out[names[-1]].extend(mtp)
     return {k: v for k, v in out.items() if v}

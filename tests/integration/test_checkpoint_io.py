@@ -245,6 +245,62 @@ def test_make_tiny_layout(tiny_fp8):
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in t.values())
 
 
+def moonlight_like(tmp_path: Path) -> dict:
+    """Moonlight's hub config with its sizes shrunk: its own fields (no q_lora, no rope scaling, vocab and
+    routing of its own), not the tiny config's."""
+    config = json.loads((Path(__file__).parents[2] / "hub_config" / "moonlight" / "config.json").read_text())
+    config.update(
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2, vocab_size=640,
+        n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2,
+        kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return config
+
+
+def test_make_tiny_from_a_hub_config_streams_shards(tmp_path, monkeypatch):
+    """``config=``: the shape comes from a Hub config.json, not the tiny config; shards are saved as they fill, so
+    when a shard is saved no tensor of another shard is held (a 16 GB model is written in a few GB)."""
+    import modeling_deepseekv3.checkpoint.tiny as tiny
+
+    held = []
+    real_save = tiny.save_file
+
+    def recording_save(tensors, filename, metadata=None):
+        writer = recording_save.writer
+        held.append((Path(filename).name, sum(len(b) for b in writer.buffers.values()), len(tensors)))
+        return real_save(tensors, filename, metadata=metadata)
+
+    real_init = tiny._ShardWriter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        recording_save.writer = self
+
+    monkeypatch.setattr(tiny, "save_file", recording_save)
+    monkeypatch.setattr(tiny._ShardWriter, "__init__", init)
+    path = ds.make_tiny_checkpoint(tmp_path / "m", config=moonlight_like(tmp_path), num_shards=4, tokenizer=False)
+    assert [name for name, _, _ in held] == [f"model-0000{i}-of-000004.safetensors" for i in (1, 2, 3, 4)]
+    assert all(others == 0 for _, others, _ in held)  # the saved shard was popped; nothing else was buffered
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["q_lora_rank"] is None and cfg.get("rope_scaling") is None and cfg["vocab_size"] == 640
+    t = tensors_of(path)
+    assert "model.layers.1.self_attn.q_proj.weight" in t and not any("q_a_proj" in k for k in t)
+    assert sum(n for _, _, n in held) == len(t) == len(json.loads((path / INDEX_NAME).read_text())["weight_map"])
+    model = load(path)
+    assert model.generate(input_ids(1, 4, vocab=640), max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_cli_make_tiny_config(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps(moonlight_like(tmp_path)))
+    assert cli(["make-tiny", str(tmp_path / "m"), "--config", str(tmp_path / "c.json"), "--shards", "3"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["n_routed_experts"] == 8
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert cli(["make-tiny", str(tmp_path / "n"), "--config", str(tmp_path / "bad.json")]) == 2
+    assert "--config" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    assert cli(["make-tiny", str(tmp_path / "n"), "--config", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

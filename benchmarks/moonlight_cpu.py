@@ -1,0 +1,204 @@
+"""A real-size model on a 24 GB CPU box: Moonlight-16B-A3B's shape as an official-layout FP8 checkpoint.
+
+Moonlight-16B-A3B is the DeepSeek-V3 architecture at 16B parameters (27 layers, hidden 2048, 64 routed experts top-6
++ 2 shared, MLA with kv_lora_rank 512 and no q_lora, vocab 163840; ``hub_config/moonlight/config.json``). In FP8 its
+weights are ~16.6 GB; in BF16 they would be ~32 GB, more than this box holds. The weights here are random from a
+seed (``make_tiny_checkpoint(config=...)``: FP8 block-scaled like the official files), written once into
+``--workdir`` shard by shard with a progress bar (a few minutes; the benchmark's job, never the tests').
+
+Each phase runs in its own process, so each peak RSS is that phase's alone:
+
+* ``decode``: ``from_pretrained(dtype=bfloat16)`` (FP8 codes stay FP8: zero-copy views of the mmapped shards;
+  embedding, norms and ``lm_head`` in BF16), its seconds and peak RSS; then greedy decode after a short prompt at
+  each ``--threads`` (median step of ``--new-tokens``, ``--rounds`` rounds), the weight bytes one token reads
+  (routed experts at top-k / n_routed, the embedding as one row) and that as a fraction of this machine's
+  measured read bandwidth; peak RSS over the whole phase (mapped weights included: everything this process held).
+* ``lora``: PEFT LoRA (r=8) over every FP8 linear, the routed experts included (``lora_config(model)``), the base
+  frozen and FP8; ``--lora-steps`` AdamW steps on a ``--lora-seq``-token batch: seconds per step, trainable
+  parameters, peak RSS.
+
+    python benchmarks/moonlight_cpu.py [--phases decode,lora] [--threads 1,2] [--new-tokens 16] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "hub_config" / "moonlight" / "config.json"
+GiB = 2**30
+
+
+def peak_rss() -> int:
+    """The process's high-water resident bytes: anonymous memory and the mapped weight pages it touched."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_anon() -> int:
+    """Resident anonymous bytes now (what is not the mapped checkpoint)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def write_checkpoint(workdir: Path) -> Path:
+    import modeling_deepseekv3 as ds
+
+    path = workdir / "fp8"
+    if not (path / "config.json").is_file():
+        print(f"writing the Moonlight-shape FP8 checkpoint (random weights, seed 0) to {path}", flush=True)
+        t0 = time.perf_counter()
+        config = json.loads(CONFIG.read_text())
+        ds.make_tiny_checkpoint(path, config=config, mtp=False, num_shards=34, progress=True)
+        print(f"wrote it in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def load(path: Path):
+    import torch
+
+    import modeling_deepseekv3 as ds
+
+    t0 = time.perf_counter()
+    model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    seconds = time.perf_counter() - t0
+    return model, {"load_s": seconds, "load_peak_rss_gib": peak_rss() / GiB, "load_anon_gib": rss_anon() / GiB}
+
+
+def phase_decode(path: Path, args) -> dict:
+    import torch
+    from timing import StepClock, checked
+    from vs_llamacpp import ours_bytes_per_token, read_bandwidth
+
+    model, out = load(path)
+    config = model.config
+    out["bytes_per_token"] = nbytes = ours_bytes_per_token(model)
+    out["parameters"] = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(2, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    kw = {"do_sample": False, "max_new_tokens": args.new_tokens + 1, "min_new_tokens": args.new_tokens + 1}
+
+    def step_seconds() -> float:
+        clock = StepClock()
+        model.generate(prompt, streamer=clock, pad_token_id=0, **kw)
+        return statistics.median(b - a for a, b in zip(clock.times[1:], clock.times[2:]))  # decode steps only
+
+    for t in args.threads:
+        bandwidth = read_bandwidth(t)
+        torch.set_num_threads(t)
+        model.generate(prompt, pad_token_id=0, do_sample=False, max_new_tokens=3)  # warm-up: pages the weights in
+        step = checked(statistics.median(step_seconds() for _ in range(args.rounds)), f"decode, {t} thread(s)")
+        out[f"{t} thread(s)"] = {
+            "decode_tok_s": 1 / step,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "bandwidth_fraction": nbytes / step / bandwidth,
+        }
+    out["peak_rss_gib"] = peak_rss() / GiB
+    out["anon_gib"] = rss_anon() / GiB
+    return out
+
+
+def phase_lora(path: Path, args) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    from modeling_deepseekv3.integrations.peft import lora_config
+
+    model, out = load(path)
+    torch.set_num_threads(max(args.threads))
+    model = get_peft_model(model, lora_config(model, r=8))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    out["trainable"] = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(2, model.config.vocab_size, (1, args.lora_seq), generator=torch.Generator().manual_seed(0))
+    losses, seconds = [], []
+    for _ in range(args.lora_steps + 1):  # the first step pages the weights in and allocates: not timed
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    out["s_per_step"] = statistics.median(seconds[1:])
+    out["losses"] = losses
+    out["peak_rss_gib"] = peak_rss() / GiB
+    out["anon_gib"] = rss_anon() / GiB
+    return out
+
+
+PHASES = {"decode": phase_decode, "lora": phase_lora}
+
+
+def report(name: str, r: dict, threads: list[int]) -> None:
+    print(
+        f"\n== {name}: from_pretrained {r['load_s']:.1f} s, peak RSS after loading {r['load_peak_rss_gib']:.2f} GiB "
+        f"(anonymous {r['load_anon_gib']:.2f} GiB)"
+    )
+    if name == "decode":
+        print(
+            f"  {r['parameters'] / 1e9:.1f}B parameters, {r['bytes_per_token'] / 1e9:.2f} GB of weights read per token"
+        )
+        print(f"  {'threads':>7s} {'decode tok/s':>12s} {'read BW GB/s':>12s} {'frac of BW':>10s}")
+        for t in threads:
+            row = r[f"{t} thread(s)"]
+            print(
+                f"  {t:7d} {row['decode_tok_s']:12.2f} {row['read_bandwidth_gb_s']:12.1f} "
+                f"{row['bandwidth_fraction']:10.2f}"
+            )
+    else:
+        print(
+            f"  LoRA r=8 over every FP8 linear ({r['trainable'] / 1e6:.1f}M trainable): {r['s_per_step']:.1f} s/step, "
+            f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+        )
+    print(f"  peak RSS of the phase {r['peak_rss_gib']:.2f} GiB (anonymous at the end {r['anon_gib']:.2f} GiB)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default="decode,lora")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lora-steps", type=int, default=3)
+    parser.add_argument("--lora-seq", type=int, default=128)
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "moonlight"))
+    parser.add_argument("--json", default=None, help="write every figure here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one phase, print its JSON
+    args = parser.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    workdir = Path(args.workdir)
+    if args.child:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        print(json.dumps(PHASES[args.child](workdir / "fp8", args)))
+        return
+    path = write_checkpoint(workdir)
+    from continuous_batching import cpu_model
+
+    print(
+        f"{cpu_model()}; checkpoint {path} ({sum(f.stat().st_size for f in path.glob('*.safetensors')) / 1e9:.1f} GB)"
+    )
+    results = {}
+    for name in args.phases.split(","):
+        if name not in PHASES:
+            sys.exit(f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
+        cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        report(name, results[name], args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
