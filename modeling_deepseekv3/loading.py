@@ -22,6 +22,7 @@ import torch
 from .checkpoint import load as checkpoint_load
 from .checkpoint.layout import skipped_mtp_key_patterns
 from .checkpoint.save import save_official
+from .fp8.cpu import use_native_heads
 from .integrations.bitsandbytes import is_4bit_request, quantize_linears_4bit
 from .placement import compute_cpu_experts_on_cpu
 
@@ -94,7 +95,8 @@ def finalize_loaded_model(model) -> None:
     """After transformers loaded the weights: FP8 tensors never require grad (transformers re-wraps loaded params
     with ``requires_grad=True``) and compute in the embedding's dtype; tensor-parallel FP8 shards checked; values
     that would give plausible but wrong logits refused; ``dequantize_fp8`` honoured; CPU-mapped experts computing
-    on the CPU in GPU+CPU layouts; the FP8 backend reported."""
+    on the CPU in GPU+CPU layouts; dense output heads on the CPU streaming their weight at decode
+    (:func:`~.fp8.cpu.use_native_heads`); the FP8 backend reported."""
     model.freeze_fp8_storage()
     compute_dtype = model.get_input_embeddings().weight.dtype
     for module in model.fp8_modules().values():
@@ -107,4 +109,5 @@ def finalize_loaded_model(model) -> None:
     if model.config.dequantize_fp8 and model.config.is_fp8:
         model.dequantize_fp8()
     compute_cpu_experts_on_cpu(model)
+    use_native_heads(model)
     checkpoint_load.report_fp8_backend(model)

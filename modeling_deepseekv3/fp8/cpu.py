@@ -16,17 +16,22 @@ Their reference twins are in :mod:`.reference`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import native
 from .format import FP8_DTYPE, block_dequantize
 
 __all__ = [
+    "DENSE_MAX_ROWS",
     "INPUT_DTYPES",
+    "NativeHeadLinear",
     "fp8_dequantize",
     "native_applies",
     "native_head_matmul",
     "native_linear",
     "native_weight_applies",
+    "use_native_heads",
 ]
 
 #: Activation dtypes the native kernels take.
@@ -87,3 +92,65 @@ def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dt
         w = native.dequantize(weight, _scale(scale_inv), block_size)  # (M, N) fp32
         return w if dtype == torch.float32 else w.to(dtype)
     return block_dequantize(weight, scale_inv, block_size, dtype)
+
+
+# ---- dense output heads ----------------------------------------------------------------------------------------
+
+#: Input rows up to which a head's product streams its dense weight (decode: one row per sequence); more go to BLAS.
+DENSE_MAX_ROWS = 4
+_DENSE_WEIGHTS = (torch.bfloat16, torch.float32)
+
+
+class NativeHeadLinear(nn.Linear):
+    """An output head (``lm_head``, MTP's ``shared_head.head``) whose decode-sized products run on the native dense
+    tiles (:func:`.native.dense_linear`).
+
+    Why: the head is the largest single weight a decode step reads (Moonlight: 163840 x 2048 in BF16, 0.67 GB,
+    a fifth of the step's bytes), it stays BF16 in FP8 checkpoints, and torch's CPU product of one row with it
+    reads about half the bandwidth the FP8 kernels reach. Everything else is ``nn.Linear``'s: the parameters,
+    their names and ties, saving, and every call the tiles do not take (autograd, more than
+    :data:`DENSE_MAX_ROWS` rows, other devices or dtypes) runs ``nn.Linear.forward``, which is also the reference
+    twin the tests compare against. Installed by :func:`use_native_heads`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (
+            0 < rows <= DENSE_MAX_ROWS
+            and self.bias is None
+            and x.is_cpu
+            and w.is_cpu
+            and x.dtype in INPUT_DTYPES
+            and w.dtype in _DENSE_WEIGHTS
+            and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            return native.dense_linear(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, self.bias)
+
+
+def use_native_heads(model) -> list[str]:
+    """Give the model's dense output heads (``lm_head`` and each MTP ``shared_head.head``) the native decode
+    product (:class:`NativeHeadLinear`) where they are plain bias-free ``nn.Linear`` modules whose weight is on
+    the CPU in BF16 or FP32 and the native kernels load. The module's class is switched in place, so the
+    parameter objects, ties, hooks and names are untouched. Returns the names of the switched heads."""
+    if not native.available():
+        return []
+    heads = {"lm_head"} | {name for name, _ in model.named_modules() if name.endswith("shared_head.head")}
+    switched = []
+    for name in sorted(heads):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        w = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and module.bias is None
+            and w is not None
+            and w.is_cpu
+            and w.dtype in _DENSE_WEIGHTS
+        ):
+            module.__class__ = NativeHeadLinear
+            switched.append(name)
+    return switched

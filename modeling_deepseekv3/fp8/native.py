@@ -496,6 +496,10 @@ def _register_fakes() -> None:
     def _(weight, scale_inv, block_m, block_n, isa):
         return weight.new_empty(weight.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("deepseekv3_fp8::dense_linear")
+    def _(x, weight, isa):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
 
 def _load() -> None:
     forced = os.environ.get("DEEPSEEKV3_FP8_ISA", "auto").strip().lower()
@@ -625,6 +629,13 @@ def head_matmul(
         int(blas_min_rows),
         _isa_code(_isa),
     )
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, *, _isa: str | None = None) -> torch.Tensor:
+    """``x [T, N] @ weight [M, N].T -> [T, M]`` in ``x``'s dtype for a bfloat16 or float32 ``weight`` (contiguous),
+    fp32 products and sums, the weight streamed once per 2-4 input rows: a decode step's output head, which torch
+    multiplies at about half the read bandwidth. Few rows only (decode); the caller sends more to BLAS."""
+    return _state["ops"].dense_linear(x, weight, _isa_code(_isa))
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, *, _isa: str | None = None) -> torch.Tensor:

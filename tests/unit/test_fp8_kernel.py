@@ -32,6 +32,7 @@ from helpers import (
     check_linear_on_non_contiguous_inputs,
     check_linear_with_ue8m0_scales,
     check_nan_and_inf_propagate_as_in_the_reference,
+    need,
     quantized,
     rel_err,
 )
@@ -186,6 +187,90 @@ def test_fp8_kv_b_absorbed_path_runs_on_the_head_kernels_and_keeps_no_dense_copy
     )  # no dense copy hangs off the module
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dense_linear_equals_the_reference(isa, weight_dtype, dtype):
+    """The dense tiles (a decode step's output head): every row count a tile takes and past it (1-5: 4-row and
+    1-row weight tiles, 1-4-row input tiles), widths with a tail (31, 33, 1000) and without, against the exact
+    product of the same values, for bf16 and fp32 weights and inputs."""
+    need(isa)
+    g = torch.Generator().manual_seed(0)
+    for m, n in [(7, 33), (130, 256), (5, 31), (66, 1000)]:
+        w = (torch.randn(m, n, generator=g) * torch.logspace(-2, 1, n)).to(weight_dtype)
+        for rows in (1, 2, 3, 4, 5):
+            x = torch.randn(rows, n, generator=g).to(dtype)
+            out = native.dense_linear(x, w, _isa=isa)
+            exact = x.double() @ w.double().T
+            assert out.dtype == dtype and out.shape == (rows, m)
+            if dtype == torch.float32:
+                assert rel_err(out, exact) <= 1e-5
+            else:  # the exact result rounded to bf16, give or take the fp32 sums' rounding
+                assert bool(((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all())
+    w = torch.randn(9, 40).to(weight_dtype)
+    w[3, 17] = float("nan")
+    out = native.dense_linear(torch.randn(2, 40), w, _isa=isa)
+    assert out[:, 3].isnan().all() and not out[:, [0, 1, 2, 4, 5, 6, 7, 8]].isnan().any()
+
+
+def test_dense_linear_rejects_what_it_cannot_read():
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        native.dense_linear(torch.randn(1, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.dense_linear(torch.randn(1, 8), torch.randn(8, 4).t())
+    with pytest.raises(RuntimeError, match=r"x must be \[T, 8\]"):
+        native.dense_linear(torch.randn(1, 9), torch.randn(4, 8))
+
+
+def test_native_head_equals_nn_linear_and_steps_aside_for_autograd():
+    """``NativeHeadLinear`` (the output heads on the CPU): decode-sized calls stream the weight, its twin is
+    ``nn.Linear.forward`` (more rows, autograd), and both give the same product."""
+    from modeling_deepseekv3.fp8.cpu import DENSE_MAX_ROWS, NativeHeadLinear
+
+    head = torch.nn.Linear(96, 300, bias=False).to(torch.bfloat16)
+    plain = torch.nn.Linear(96, 300, bias=False).to(torch.bfloat16)
+    plain.weight = head.weight
+    head.__class__ = NativeHeadLinear
+    calls = []
+    real = native.dense_linear
+    try:
+        native.dense_linear = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+        x = torch.randn(2, 1, 96).to(torch.bfloat16)
+        with torch.no_grad():
+            out, ref = head(x), plain(x)
+        assert calls == [(2, 96)] and out.shape == ref.shape == (2, 1, 300)
+        assert rel_err(out, ref) <= 2**-7
+        with torch.no_grad():
+            head(torch.randn(1, DENSE_MAX_ROWS + 1, 96).to(torch.bfloat16))  # more rows: BLAS
+        y = head(torch.randn(1, 96, dtype=torch.bfloat16, requires_grad=True))  # autograd: nn.Linear's forward
+        y.float().sum().backward()
+        assert calls == [(2, 96)] and head.weight.grad is not None
+    finally:
+        native.dense_linear = real
+
+
+def test_loaded_model_decodes_through_the_native_heads(tiny_fp8):
+    """``from_pretrained`` on the CPU gives ``lm_head`` and the MTP head the native decode product; the greedy
+    tokens (plain and with MTP drafts) and the logits equal those of the same model with plain ``nn.Linear``
+    heads."""
+    from helpers import input_ids, load
+
+    model = load(tiny_fp8, dtype=torch.bfloat16)
+    heads = sorted(name for name, m in model.named_modules() if type(m).__name__ == "NativeHeadLinear")
+    assert heads == ["lm_head", "model.layers.3.shared_head.head"]
+    ids = input_ids(1, 6)
+    with torch.no_grad():
+        logits = model(ids).logits
+    fast = model.generate(ids, max_new_tokens=8, do_sample=False)
+    fast_mtp = model.generate(ids, max_new_tokens=8, do_sample=False, use_mtp=True)
+    for name in heads:
+        model.get_submodule(name).__class__ = torch.nn.Linear
+    with torch.no_grad():
+        assert rel_err(model(ids).logits[:, -1], logits[:, -1]) <= 2**-7
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), fast)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, use_mtp=True), fast_mtp)
+
+
 def test_head_matmul_rejects_rows_past_the_weight():
     q, s = quantized((64, 32), (16, 16))
     with pytest.raises(RuntimeError, match="run past"):
@@ -231,6 +316,7 @@ def test_ops_work_on_meta_tensors():
     xh = torch.empty(4, 2, 8, device="meta")
     assert torch.ops.deepseekv3_fp8.head_matmul(xh, w, s, 128, 128, 40, 0, 8, True, 32, 0).shape == (4, 2, 160)
     assert torch.ops.deepseekv3_fp8.dequantize(w, s, 128, 128, 0).dtype == torch.float32
+    assert torch.ops.deepseekv3_fp8.dense_linear(x, torch.empty(7, 160, device="meta"), 0).shape == (3, 7)
 
 
 def test_composes_with_torch_compile():

@@ -76,6 +76,9 @@ constexpr int64_t PREFETCH = 1024;
 // the same columns): one tile ahead is too close for short rows (K = 1024-1536: 15 -> 20 GB/s, Zen 4, one thread).
 constexpr int64_t PREFETCH_L2_BYTES = 16384;
 inline int64_t l2_rows_ahead(int64_t R, int64_t ldw) { return std::max(R, (PREFETCH_L2_BYTES + ldw - 1) / ldw); }
+// The dense tiles read 2-4 bytes per value, so their rows are 2-4x longer for the same K: 32 KiB ahead (the output
+// head 163840 x 2048 bf16, Zen 4, one thread: 16 KiB 18.2 GB/s, 32 KiB 19.8, 64 KiB 19.7).
+inline int64_t dense_rows_ahead(int64_t R, int64_t ldw) { return std::max(R, (2 * PREFETCH_L2_BYTES + ldw - 1) / ldw); }
 #define DSV3_PREFETCH(p) __builtin_prefetch((p), 0, 3)     // prefetcht0
 #define DSV3_PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)  // prefetcht1
 constexpr int64_t KCHUNK = 512;  // codes per row widened at a time when more rows than a tile takes (4 rows: 8 KiB of L1)
@@ -193,6 +196,7 @@ struct Kernels {
   ConvFn conv;
   FmaFn fma[2][5];       // [R == 4][TT]
   OuterFn outer[5];      // [TT], TT <= col_tt_max
+  TileFn dense[2][2][5];  // [bf16][R == 4][TT]: dense weights (see "dense tiles" below), ldw in bytes
 };
 
 #if DSV3_X86
@@ -332,6 +336,66 @@ DSV3_AVX2 void direct_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64
     const bool has_nan = _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan[r], _mm256_set1_epi8(0x7F))) != 0;
     for (int t = 0; t < TT; ++t) res[r * TT + t] = has_nan ? __builtin_nanf("") : hsum256(acc[r][t]);
   }
+}
+
+// -- dense tiles: bf16 or fp32 weights (the output head, 163840 x 2048 in Moonlight: the largest single read of a
+// decode step). torch's CPU product of one row with a bf16 weight reads ~11 GB/s on a Zen 4 core; a bf16 value is
+// the high half of its float, so widening is one zero-extend and one shift per 8-16 values and these tiles stream
+// the weight at DRAM speed. dense<R, TT, BF16>: res[r * TT + t] = sum_k xs[t * ldx + k] * w[r][k] (exact fp32
+// products, fp32 sums), w's rows ldw bytes apart, xs zero-padded to a multiple of KPAD as above.
+template <bool BF16>
+DSV3_AVX2_INLINE __m256 dense8(const uint8_t* p) {
+  if constexpr (BF16) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+template <int R, int TT, bool BF16>
+DSV3_AVX2_INLINE void dense_step_avx2(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx,
+                                      __m256 (&acc)[R][TT]) {
+  constexpr int E = BF16 ? 2 : 4;
+  for (int q = 0; q < 4; ++q) {
+    __m256 x[TT];
+    for (int t = 0; t < TT; ++t) x[t] = _mm256_loadu_ps(xs + t * ldx + 8 * q);
+    for (int r = 0; r < R; ++r) {
+      const __m256 f = dense8<BF16>(wp[r] + 8 * q * E);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_fmadd_ps(f, x[t], acc[r][t]);
+    }
+  }
+}
+
+template <int R, int TT, bool BF16>
+DSV3_AVX2 void dense_avx2(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  constexpr int E = BF16 ? 2 : 4;
+  __m256 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t kmain = K & ~int64_t(31), ahead = dense_rows_ahead(R, ldw);
+  for (int64_t k = 0; k < kmain; k += 32) {
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      wp[r] = w + r * ldw + k * E;
+      for (int b = 0; b < 32 * E; b += 64) {
+        DSV3_PREFETCH(wp[r] + b + PREFETCH);
+        DSV3_PREFETCH_L2(wp[r] + b + ahead * ldw);
+      }
+    }
+    dense_step_avx2<R, TT, BF16>(wp, xs + k, ldx, acc);
+  }
+  if (kmain < K) {  // tail: zero-padded copies of the last values (xs is zero-padded there too)
+    alignas(32) uint8_t pad[R][32 * E] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain * E, size_t((K - kmain) * E));
+      wp[r] = pad[r];
+    }
+    dense_step_avx2<R, TT, BF16>(wp, xs + kmain, ldx, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = hsum256(acc[r][t]);
 }
 
 template <int TT>
@@ -623,6 +687,62 @@ DSV3_GFNI void direct_gfni(const float* xs, int64_t ldx, const uint8_t* w, int64
 #undef DSV3_STEP
 }
 
+// -- dense tiles, AVX-512 (see the AVX2 ones): 16 values per vector
+template <bool BF16>
+DSV3_AVX512_INLINE __m512 dense16(const uint8_t* p) {
+  if constexpr (BF16) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  } else {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+template <int R, int TT, bool BF16>
+DSV3_AVX512_INLINE void dense_step_avx512(const uint8_t* const (&wp)[R], const float* xs, int64_t ldx,
+                                          __m512 (&acc)[R][TT]) {
+  constexpr int E = BF16 ? 2 : 4;
+  for (int q = 0; q < 2; ++q) {
+    __m512 x[TT];
+    for (int t = 0; t < TT; ++t) x[t] = _mm512_loadu_ps(xs + t * ldx + 16 * q);
+    for (int r = 0; r < R; ++r) {
+      const __m512 f = dense16<BF16>(wp[r] + 16 * q * E);
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(f, x[t], acc[r][t]);
+    }
+  }
+}
+
+template <int R, int TT, bool BF16>
+DSV3_AVX512 void dense_avx512(const float* xs, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t K, float* res) {
+  constexpr int E = BF16 ? 2 : 4;
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t kmain = K & ~int64_t(31), ahead = dense_rows_ahead(R, ldw);
+  for (int64_t k = 0; k < kmain; k += 32) {
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      wp[r] = w + r * ldw + k * E;
+      for (int b = 0; b < 32 * E; b += 64) {
+        DSV3_PREFETCH(wp[r] + b + PREFETCH);
+        DSV3_PREFETCH_L2(wp[r] + b + ahead * ldw);
+      }
+    }
+    dense_step_avx512<R, TT, BF16>(wp, xs + k, ldx, acc);
+  }
+  if (kmain < K) {  // tail: zero-padded copies of the last values (xs is zero-padded there too)
+    alignas(64) uint8_t pad[R][32 * E] = {};
+    const uint8_t* wp[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain * E, size_t((K - kmain) * E));
+      wp[r] = pad[r];
+    }
+    dense_step_avx512<R, TT, BF16>(wp, xs + kmain, ldx, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) res[r * TT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
 template <int TT>
 DSV3_AVX512 void col_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t n_rows,
                             int64_t ncols, const float* scale, float* acc_out, int64_t lda) {
@@ -735,13 +855,20 @@ DSV3_AVX512 void dequant_row_avx512(const uint8_t* w, int64_t N, const float* sc
   {{fn<1, 1>, fn<1, 1>, fn<1, 2>, fn<1, 3>, fn<1, 4>}, {fn<4, 1>, fn<4, 1>, fn<4, 2>, fn<4, 3>, fn<4, 4>}}
 #define DSV3_COLS(fn) {fn<1>, fn<1>, fn<2>, fn<3>, fn<4>}
 #define DSV3_FMAS(fn) DSV3_TILES(fn)
+#define DSV3_DENSE_TILES(fn, BF16)                                                                    \
+  {{fn<1, 1, BF16>, fn<1, 1, BF16>, fn<1, 2, BF16>, fn<1, 3, BF16>, fn<1, 4, BF16>},                  \
+   {fn<4, 1, BF16>, fn<4, 1, BF16>, fn<4, 2, BF16>, fn<4, 3, BF16>, fn<4, 4, BF16>}}
+#define DSV3_DENSE(fn) {DSV3_DENSE_TILES(fn, false), DSV3_DENSE_TILES(fn, true)}
 
 const Kernels kAvx2 = {2, 2, 32, DSV3_TILES(tile_avx2), DSV3_TILES(direct_avx2), DSV3_COLS(col_avx2),
-                       dequant_row_avx2, 8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2)};
+                       dequant_row_avx2, 8, 2, conv_avx2, DSV3_FMAS(fma_avx2), DSV3_COLS(outer_avx2),
+                       DSV3_DENSE(dense_avx2)};
 const Kernels kAvx512 = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_TILES(direct_avx512), DSV3_COLS(col_avx512),
-                         dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
+                         dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512),
+                         DSV3_DENSE(dense_avx512)};
 const Kernels kAvx512Gfni = {4, 4, 64, DSV3_TILES(tile_avx512), DSV3_TILES(direct_gfni), DSV3_COLS(col_avx512),
-                             dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512)};
+                             dequant_row_avx512, 16, 4, conv_avx512, DSV3_FMAS(fma_avx512), DSV3_COLS(outer_avx512),
+                             DSV3_DENSE(dense_avx512)};
 
 const Kernels& kernels_for(int64_t isa) {
   switch (resolve_isa(isa)) {
@@ -1123,6 +1250,46 @@ Tensor head_matmul(Tensor x, Tensor weight, Tensor scale, int64_t bm, int64_t bn
   return out;
 }
 
+// y [T, M] = x [T, N] @ weight [M, N].T for a bf16 or fp32 weight, in x's dtype, fp32 products and sums: the weight
+// streamed once per tt_max input rows (decode; the caller sends prefill-sized inputs to BLAS).
+Tensor dense_linear(Tensor x, Tensor weight, int64_t isa) {
+  check_input(x);
+  STD_TORCH_CHECK(weight.is_cpu() && weight.dim() == 2 && weight.is_contiguous(),
+                  "deepseekv3_fp8.dense_linear: weight must be a contiguous 2-D CPU tensor");
+  const ScalarType wt = weight.scalar_type();
+  STD_TORCH_CHECK(wt == ScalarType::BFloat16 || wt == ScalarType::Float,
+                  "deepseekv3_fp8.dense_linear: weight must be bfloat16 or float32");
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "deepseekv3_fp8.dense_linear: x must be [T, ",
+                  weight.size(1), "]");
+  const Kernels& kn = kernels_for(isa);
+  const int64_t T = x.size(0), K = weight.size(1), M = weight.size(0), Kp = round_up(K, KPAD), ldx = Kp + 16;
+  const int64_t E = wt == ScalarType::BFloat16 ? 2 : 4, ldw = K * E;
+  Tensor out = torch::stable::new_empty(x, {T, M});
+  if (T == 0 || M == 0) return out;
+  std::vector<float> xs(size_t(T * ldx), 0.0f);  // zero-padded rows, as the tiles read them
+  const std::vector<float> x32 = input_f32(x, 1, T, K);
+  for (int64_t t = 0; t < T; ++t) std::copy_n(x32.data() + t * K, K, xs.data() + t * ldx);
+  const uint8_t* w = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const auto& tiles = kn.dense[wt == ScalarType::BFloat16];
+  void* const y = out.mutable_data_ptr();
+  const ScalarType y_dt = x.scalar_type();
+  const int64_t chunk = 64;  // rows per unit of work
+  torch::stable::parallel_for(0, cdiv(M, chunk), grain(chunk * K * T), [&](int64_t u0, int64_t u1) {
+    float res[4 * 4];
+    for (int64_t r = u0 * chunk, r_end = std::min(M, u1 * chunk); r < r_end;) {
+      const int R = r_end - r >= 4 ? 4 : 1;
+      for (int64_t t0 = 0; t0 < T; t0 += kn.tt_max) {
+        const int tt = int(std::min<int64_t>(kn.tt_max, T - t0));
+        tiles[R == 4][tt](xs.data() + t0 * ldx, ldx, w + r * ldw, ldw, K, res);
+        for (int i = 0; i < R; ++i)
+          for (int t = 0; t < tt; ++t) write_out(y, y_dt, (t0 + t) * M + r + i, res[i * tt + t]);
+      }
+      r += R;
+    }
+  });
+  return out;
+}
+
 // The dense fp32 weight, bit-identical to block_dequantize (float(code) * scale, rounded once).
 Tensor dequantize(Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t isa) {
   check_weight(weight, scale, bm, bn);
@@ -1141,10 +1308,12 @@ STABLE_TORCH_LIBRARY(deepseekv3_fp8, m) {
   m.def("head_matmul(Tensor x, Tensor weight, Tensor scale_inv, int block_m, int block_n, int row_stride, "
         "int row_offset, int rows, bool transpose, int blas_min_rows, int isa) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scale_inv, int block_m, int block_n, int isa) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight, int isa) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(deepseekv3_fp8, CPU, m) {
   m.impl("linear", TORCH_BOX(&linear));
   m.impl("head_matmul", TORCH_BOX(&head_matmul));
   m.impl("dequantize", TORCH_BOX(&dequantize));
+  m.impl("dense_linear", TORCH_BOX(&dense_linear));
 }
