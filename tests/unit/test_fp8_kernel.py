@@ -271,6 +271,35 @@ def test_loaded_model_decodes_through_the_native_heads(tiny_fp8):
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, use_mtp=True), fast_mtp)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fp8_experts_run_without_their_module_calls_and_equal_them(tiny_fp8, monkeypatch, dtype):
+    """FP8 experts on the CPU kernels at inference: the three products per expert are called directly (the
+    "plain fp8" path), bit-identical to the per-expert modules (their twin); a hook on an active expert, a
+    wrapped projection or autograd send the layer back to the modules."""
+    from helpers import load
+
+    experts = load(tiny_fp8, dtype=dtype).model.layers[1].mlp.experts
+    counts_E = torch.tensor([3, 0, 5, 1, 0, 0, 9, 0, 0, 2, 0, 0, 0, 1, 0, 4])
+    x_AD = torch.randn(int(counts_E.sum()), 256).to(dtype)
+    slices = [(e, int(c)) for e, c in enumerate(counts_E) if c]
+    with torch.no_grad():
+        by_modules = experts._run_modules(x_AD, slices)
+        ran_modules = []
+        real = type(experts)._run_modules
+        monkeypatch.setattr(type(experts), "_run_modules", lambda *a: ran_modules.append(1) or real(*a))
+        assert torch.equal(experts(x_AD, counts_E), by_modules) and not ran_modules
+        handle = experts[6].register_forward_hook(lambda *a: None)
+        assert torch.equal(experts(x_AD, counts_E), by_modules) and ran_modules == [1]
+        handle.remove()
+        experts[1].up_proj.compute = "dequant"  # an inactive expert: still the plain path
+        experts(x_AD, counts_E)
+        experts[3].up_proj.compute = "dequant"  # an active one asks for the reference: the modules
+        experts(x_AD, counts_E)
+        assert ran_modules == [1, 1]
+    experts(x_AD.requires_grad_(), counts_E)
+    assert ran_modules == [1, 1, 1]
+
+
 def test_head_matmul_rejects_rows_past_the_weight():
     q, s = quantized((64, 32), (16, 16))
     with pytest.raises(RuntimeError, match="run past"):
