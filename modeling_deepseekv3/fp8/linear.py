@@ -30,18 +30,21 @@ __all__ = [
 class _FP8LinearFunction(torch.autograd.Function):
     """``x @ dequant(W).T`` whose backward re-dequantizes ``W`` instead of keeping the dense copy: autograd
     would otherwise save the dequantized weight of every FP8 layer for the backward pass (4 bytes per
-    parameter in FP32 -- more memory than a dense model, whose weights are saved by reference)."""
+    parameter in FP32 -- more memory than a dense model, whose weights are saved by reference). The dequantized
+    weight is :func:`~.cpu.fp8_dequantize`'s: bit-identical to :func:`~.format.block_dequantize`, by the native
+    kernel on the CPU (LoRA over a Moonlight-sized FP8 base dequantizes 15G weights twice a step: eager torch's
+    conversion made that most of the step)."""
 
     @staticmethod
     def forward(ctx, x, weight, scale_inv, block_size):
         ctx.save_for_backward(weight, scale_inv)
         ctx.block_size = block_size
-        return F.linear(x, block_dequantize(weight, scale_inv, block_size, x.dtype))
+        return F.linear(x, cpu.fp8_dequantize(weight, scale_inv, block_size, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale_inv = ctx.saved_tensors
-        w = block_dequantize(weight, scale_inv, ctx.block_size, grad_out.dtype)
+        w = cpu.fp8_dequantize(weight, scale_inv, ctx.block_size, grad_out.dtype)
         return grad_out @ w, None, None, None
 
 
