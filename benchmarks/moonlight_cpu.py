@@ -13,11 +13,15 @@ Each phase runs in its own process, so each peak RSS is that phase's alone:
   each ``--threads`` (median step of ``--new-tokens``, ``--rounds`` rounds), the weight bytes one token reads
   (routed experts at top-k / n_routed, the embedding as one row) and that as a fraction of this machine's
   measured read bandwidth; peak RSS over the whole phase (mapped weights included: everything this process held).
+* ``llamacpp``: llama.cpp (``llama-cpp-python``, as in ``vs_llamacpp.py``) decoding the same weights: a Q8_0 GGUF
+  that llama.cpp's converter writes from our BF16 export (the 33 GB export is deleted afterwards; done once, ~10
+  minutes), same prompt, same thread counts, the same figures. Our model and llama.cpp's do not fit in memory
+  together, so they run in turn, ``--repeat`` times each, alternating; medians over the repeats.
 * ``lora``: PEFT LoRA (r=8) over every FP8 linear, the routed experts included (``lora_config(model)``), the base
   frozen and FP8; ``--lora-steps`` AdamW steps on a ``--lora-seq``-token batch: seconds per step, trainable
   parameters, peak RSS.
 
-    python benchmarks/moonlight_cpu.py [--phases decode,lora] [--threads 1,2] [--new-tokens 16] [--rounds 3]
+    python benchmarks/moonlight_cpu.py [--phases decode,llamacpp,lora] [--threads 1,2] [--new-tokens 16] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ def rss_anon() -> int:
     return 0
 
 
+def read_through(files) -> None:
+    """Read files once so their pages sit in the page cache: both engines map their weights, and the two models do
+    not fit in memory together, so each phase starts by bringing its own back (not timed)."""
+    for file in files:
+        with open(file, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
 def write_checkpoint(workdir: Path) -> Path:
     import modeling_deepseekv3 as ds
 
@@ -67,6 +80,7 @@ def load(path: Path):
 
     import modeling_deepseekv3 as ds
 
+    read_through(sorted(path.glob("*.safetensors")))
     t0 = time.perf_counter()
     model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     seconds = time.perf_counter() - t0
@@ -106,6 +120,39 @@ def phase_decode(path: Path, args) -> dict:
     return out
 
 
+def gguf_path(workdir: Path) -> Path:
+    return workdir / "moonlight-q8_0.gguf"
+
+
+def phase_llamacpp(path: Path, args) -> dict:
+    import torch
+    from timing import checked
+    from vs_llamacpp import LlamaCpp, converter_source, gguf_bytes_per_token, read_bandwidth
+
+    import modeling_deepseekv3 as ds
+
+    config = ds.DeepseekV3Config.from_pretrained(path)
+    gguf = gguf_path(path.parent)
+    read_through([gguf])
+    out = {"bytes_per_token": gguf_bytes_per_token(gguf, converter_source(path.parent), config)}
+    prompt = torch.randint(2, config.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    for t in args.threads:
+        bandwidth = read_bandwidth(t)
+        engine = LlamaCpp(gguf, t, context=64 + args.new_tokens)
+        engine.decode(prompt, 3)  # warm-up: pages the weights in
+        step = checked(
+            statistics.median(engine.decode(prompt, args.new_tokens)[0] for _ in range(args.rounds)), "decode"
+        )
+        out[f"{t} thread(s)"] = {
+            "decode_tok_s": 1 / step,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "bandwidth_fraction": out["bytes_per_token"] / step / bandwidth,
+        }
+        del engine
+    out["peak_rss_gib"] = peak_rss() / GiB
+    return out
+
+
 def phase_lora(path: Path, args) -> dict:
     import torch
     from peft import get_peft_model
@@ -136,10 +183,33 @@ def phase_lora(path: Path, args) -> dict:
     return out
 
 
-PHASES = {"decode": phase_decode, "lora": phase_lora}
+PHASES = {"decode": phase_decode, "llamacpp": phase_llamacpp, "lora": phase_lora}
+ALTERNATING = ("decode", "llamacpp")  # run --repeat times each, in turn
+
+
+def median_runs(runs: list[dict], threads: list[int]) -> dict:
+    """One phase's figures, decode rates the medians over its runs (the other fields from the first)."""
+    out = dict(runs[0])
+    for t in threads:
+        key = f"{t} thread(s)"
+        rate = statistics.median(r[key]["decode_tok_s"] for r in runs)
+        out[key] = {**runs[0][key], "decode_tok_s": rate, "runs": [r[key]["decode_tok_s"] for r in runs]}
+        out[key]["bandwidth_fraction"] = out["bytes_per_token"] * rate / (out[key]["read_bandwidth_gb_s"] * 1e9)
+    out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    return out
 
 
 def report(name: str, r: dict, threads: list[int]) -> None:
+    if name == "llamacpp":
+        print(
+            f"\n== llama.cpp Q8_0 ({r['bytes_per_token'] / 1e9:.2f} GB read per token), peak RSS {r['peak_rss_gib']:.2f} GiB"
+        )
+        for t in threads:
+            row = r[f"{t} thread(s)"]
+            print(
+                f"  {t} thread(s): {row['decode_tok_s']:.2f} tok/s, {row['bandwidth_fraction']:.2f} of read bandwidth"
+            )
+        return
     print(
         f"\n== {name}: from_pretrained {r['load_s']:.1f} s, peak RSS after loading {r['load_peak_rss_gib']:.2f} GiB "
         f"(anonymous {r['load_anon_gib']:.2f} GiB)"
@@ -165,7 +235,8 @@ def report(name: str, r: dict, threads: list[int]) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phases", default="decode,lora")
+    parser.add_argument("--phases", default="decode,llamacpp,lora")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each alternating phase (decode, llamacpp)")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
@@ -185,18 +256,39 @@ def main():
         return
     path = write_checkpoint(workdir)
     from continuous_batching import cpu_model
+    from timing import ratio
 
     print(
         f"{cpu_model()}; checkpoint {path} ({sum(f.stat().st_size for f in path.glob('*.safetensors')) / 1e9:.1f} GB)"
     )
-    results = {}
-    for name in args.phases.split(","):
-        if name not in PHASES:
-            sys.exit(f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
+    phases = args.phases.split(",")
+    unknown = [name for name in phases if name not in PHASES]
+    if unknown:
+        sys.exit(f"--phases: unknown phase {unknown[0]!r}; choose from {', '.join(PHASES)}")
+    if "llamacpp" in phases and not gguf_path(workdir).is_file():
+        from vs_llamacpp import llama_cpp_module, write_ggufs
+
+        llama_cpp_module()  # the install hint, before a 10-minute conversion
+        write_ggufs("moonlight", path, workdir, formats=("Q8_0",), keep_export=False)
+    order = [name for _ in range(args.repeat) for name in phases if name in ALTERNATING]
+    order += [name for name in phases if name not in ALTERNATING]
+    runs: dict[str, list[dict]] = {}
+    for name in order:
         cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {}
+    for name in phases:
+        results[name] = median_runs(runs[name], args.threads) if name in ALTERNATING else runs[name][0]
         report(name, results[name], args.threads)
+    if "decode" in results and "llamacpp" in results:
+        print(
+            "\n  ours / llama.cpp Q8_0, decode: "
+            + ", ".join(
+                f"{ratio(1 / results['llamacpp'][f'{t} thread(s)']['decode_tok_s'], 1 / results['decode'][f'{t} thread(s)']['decode_tok_s']):.2f}x at {t} thread(s)"
+                for t in args.threads
+            )
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
