@@ -120,7 +120,7 @@ class NativeHeadLinear(nn.Linear):
             and self.bias is None
             and x.is_cpu
             and w.is_cpu
-            and x.dtype in INPUT_DTYPES
+            and x.dtype == w.dtype  # (F.linear refuses mixed dtypes; so does this)
             and w.dtype in _DENSE_WEIGHTS
             and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
@@ -134,10 +134,8 @@ def use_native_heads(model) -> list[str]:
     product (:class:`NativeHeadLinear`) where they are plain bias-free ``nn.Linear`` modules whose weight is on
     the CPU in BF16 or FP32 and the native kernels load. The module's class is switched in place, so the
     parameter objects, ties, hooks and names are untouched. Returns the names of the switched heads."""
-    if not native.available():
-        return []
     heads = {"lm_head"} | {name for name, _ in model.named_modules() if name.endswith("shared_head.head")}
-    switched = []
+    candidates = []
     for name in sorted(heads):
         try:
             module = model.get_submodule(name)
@@ -151,6 +149,11 @@ def use_native_heads(model) -> list[str]:
             and w.is_cpu
             and w.dtype in _DENSE_WEIGHTS
         ):
-            module.__class__ = NativeHeadLinear
-            switched.append(name)
-    return switched
+            candidates.append((name, module))
+    if (
+        not candidates or not native.available()
+    ):  # (asked only when a head could use the kernels: no GPU model loads them)
+        return []
+    for _, module in candidates:
+        module.__class__ = NativeHeadLinear
+    return [name for name, _ in candidates]

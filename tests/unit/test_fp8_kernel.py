@@ -242,6 +242,8 @@ def test_native_head_equals_nn_linear_and_steps_aside_for_autograd():
         assert rel_err(out, ref) <= 2**-7
         with torch.no_grad():
             head(torch.randn(1, DENSE_MAX_ROWS + 1, 96).to(torch.bfloat16))  # more rows: BLAS
+            with pytest.raises(RuntimeError):  # a float32 input on a bf16 head: refused, as by nn.Linear
+                head(torch.randn(1, 96))
         y = head(torch.randn(1, 96, dtype=torch.bfloat16, requires_grad=True))  # autograd: nn.Linear's forward
         y.float().sum().backward()
         assert calls == [(2, 96)] and head.weight.grad is not None
