@@ -23,6 +23,8 @@ __all__ = [
     "fp8_head_matmul",
     "fp8_linear",
     "fp8_linear_backend",
+    "fp8_native_linear",
+    "fp8_native_takes",
     "set_fp8_compute",
 ]
 
@@ -112,6 +114,18 @@ def fp8_head_matmul(
     gave to ``"native"`` for the ``"heads"`` kind: the CPU kernels are the only head kernels there are.
     Here so that the model reaches the backends only through this module and :mod:`.dispatch`."""
     return cpu.native_head_matmul(x, weight, scale_inv, block_size, row_stride, row_offset, rows, transpose)
+
+
+def fp8_native_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
+    """``x @ dequant(weight).T`` on the CPU kernels without asking :func:`~.dispatch.choose_backend` per call: the
+    routed experts' plain path, which asks once per layer and checks each weight with :func:`fp8_native_takes`.
+    Here so that the model reaches the backends only through this module and :mod:`.dispatch`."""
+    return cpu.native_linear(x, weight, scale_inv, block_size)
+
+
+def fp8_native_takes(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> bool:
+    """Whether the CPU kernels read this FP8 weight (:func:`.cpu.native_weight_applies`)."""
+    return cpu.native_weight_applies(weight, scale_inv, block_size)
 
 
 def fp8_grouped_matmul(

@@ -12,7 +12,7 @@ ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference
 * **plain**: dense, hook-free experts during inference: only the matmuls run per expert (written into
   shared buffers); the activation and gating run once over all rows.
 * **plain fp8**: FP8 experts on the CPU kernels during inference: each active expert's three products called
-  directly (:func:`~...fp8.cpu.native_linear`), the same ops the modules would run -- bit-identical to them --
+  directly (:func:`~...fp8.linear.fp8_native_linear`), the same ops the modules would run -- bit-identical to them --
   without ~20 us of module and dispatch Python per projection (at decode, Moonlight's 26 MoE layers x 18
   projections: 6-12 ms per token, 4-7% of the step).
 * **grouped**: dense experts during inference, after the layer's first call re-homes their weights into two
@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...fp8 import FP8Linear
-from ...fp8 import cpu as fp8_cpu
 from ...fp8 import dispatch as fp8_dispatch
-from ...fp8.linear import fp8_grouped_matmul
+from ...fp8.linear import fp8_grouped_matmul, fp8_native_linear, fp8_native_takes
 from ..layers import SwiGLUMLP
 
 __all__ = ["RoutedExperts"]
@@ -123,7 +122,7 @@ class RoutedExperts(nn.ModuleList):
             if not _is_plain_fp8_expert(expert, probe):
                 return False
             for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
-                if proj.compute != probe.compute or not fp8_cpu.native_weight_applies(
+                if proj.compute != probe.compute or not fp8_native_takes(
                     proj.weight, proj.weight_scale_inv, proj.block_size
                 ):
                     return False
@@ -134,9 +133,9 @@ class RoutedExperts(nn.ModuleList):
         for expert_id, count in slices:
             expert, x = self[expert_id], x_AD[start : start + count]
             g, u, d = expert.gate_proj, expert.up_proj, expert.down_proj
-            gate = fp8_cpu.native_linear(x, g.weight, g.weight_scale_inv, g.block_size)
-            up = fp8_cpu.native_linear(x, u.weight, u.weight_scale_inv, u.block_size)
-            outs.append(fp8_cpu.native_linear(expert.act_fn(gate) * up, d.weight, d.weight_scale_inv, d.block_size))
+            gate = fp8_native_linear(x, g.weight, g.weight_scale_inv, g.block_size)
+            up = fp8_native_linear(x, u.weight, u.weight_scale_inv, u.block_size)
+            outs.append(fp8_native_linear(expert.act_fn(gate) * up, d.weight, d.weight_scale_inv, d.block_size))
             start += count
         return torch.cat(outs) if len(outs) > 1 else outs[0]  # (A, D)
 
