@@ -3,8 +3,9 @@
 What they compute, with the same formula as :func:`~.reference.fp8_matmul_reference` (their reference twin):
 ``y = x @ dequant(W_fp8, scale_inv).T`` reading the FP8 weight directly (1 byte per parameter), fp32
 accumulation, output in the input's dtype (float32 or bfloat16). Few rows (decode) stream the weight once;
-more rows (prefill) dequantize it chunk by chunk into a reused buffer and multiply with BLAS. The C++ file's
-header explains the kernels.
+more rows (prefill) dequantize it chunk by chunk into a reused buffer and multiply with BLAS. One more entry point
+streams a dense BF16 / FP32 weight at decode (:func:`dense_linear`: the output head). The C++ file's header
+explains the kernels.
 
 Packaging, so that a user never notices:
 

@@ -29,6 +29,8 @@
 //   - more rows (prefill) are compute-bound, and BLAS is better at that than anything short here: the weight
 //     is dequantized chunk by chunk into a reused fp32 buffer (bit-identical to block_dequantize) and
 //     multiplied with aten::mm into the output's columns. The weight stays FP8 in memory throughout.
+// * Dense weights too (dense_linear): the BF16 / FP32 output head is the largest single read of a decode step and
+//   torch's CPU product of one row with it reads about half the bandwidth these tiles do (see "dense tiles").
 // * One translation unit, per-function target attributes and run-time dispatch through cpuid: one build
 //   runs on any x86-64. Variants: AVX2+FMA+F16C (16 codes per step), AVX-512 F/BW/VL (32) and AVX-512 with
 //   GFNI + VBMI (the same, with the GFNI decode tiles). Elsewhere no variant exists and Python falls back.
