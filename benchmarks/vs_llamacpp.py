@@ -132,9 +132,9 @@ def make_v3dims(workdir: Path) -> Path:
 
 def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     """Bytes/s of a streaming read (``sum`` over a ``gib`` float32 buffer, far larger than any cache), the best of 9
-    spread over ~2 s: what the machine can read. Interference (a neighbour on a shared host) only lowers a sample,
-    and a median taken in a busy moment gave 21.6 GB/s where 31.7 is usual here, so that an engine appeared to
-    read faster than the machine can."""
+    spread over ~2 s: what the machine can read. Interference (a neighbour on a shared host) only lowers a sample;
+    a median of 5 taken in a busy moment gave 21.6 GB/s at one thread where the best reads are 25-32, and an engine
+    then appeared to read faster than the machine can."""
     torch.set_num_threads(threads)
     x = torch.ones(int(gib * 2**30) // 4)
     x.sum()
