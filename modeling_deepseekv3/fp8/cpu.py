@@ -28,6 +28,7 @@ __all__ = [
     "NativeHeadLinear",
     "fp8_dequantize",
     "native_applies",
+    "native_experts",
     "native_head_matmul",
     "native_linear",
     "native_weight_applies",
@@ -67,6 +68,14 @@ def native_linear(x2d: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tens
     """``x2d [T, N] @ dequant(weight).T`` in ``x2d``'s dtype, for a call :mod:`.dispatch` gave to ``"native"``.
     No autograd: inference only (the weight never requires grad)."""
     return native.linear(x2d, weight, _scale(scale_inv), block_size)
+
+
+def native_experts(
+    x_AD: torch.Tensor, counts: list[int], weights: list[torch.Tensor], scales: list[torch.Tensor], block_size
+) -> torch.Tensor:
+    """One MoE layer's SwiGLU experts on rows sorted by expert (:func:`.native.experts`), for weights each of which
+    :func:`native_weight_applies` to. Inference only."""
+    return native.experts(x_AD, counts, weights, [_scale(s) for s in scales], block_size)
 
 
 def native_head_matmul(

@@ -23,6 +23,7 @@ __all__ = [
     "fp8_head_matmul",
     "fp8_linear",
     "fp8_linear_backend",
+    "fp8_native_experts",
     "fp8_native_linear",
     "fp8_native_takes",
     "set_fp8_compute",
@@ -121,6 +122,14 @@ def fp8_native_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
     routed experts' plain path, which asks once per layer and checks each weight with :func:`fp8_native_takes`.
     Here so that the model reaches the backends only through this module and :mod:`.dispatch`."""
     return cpu.native_linear(x, weight, scale_inv, block_size)
+
+
+def fp8_native_experts(
+    x_AD: torch.Tensor, counts: list[int], weights: list[torch.Tensor], scales: list[torch.Tensor], block_size
+) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert, all products on the CPU kernels in one call
+    (:func:`.cpu.native_experts`): the routed experts' plain path, for weights :func:`fp8_native_takes` accepted."""
+    return cpu.native_experts(x_AD, counts, weights, scales, block_size)
 
 
 def fp8_native_takes(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> bool:

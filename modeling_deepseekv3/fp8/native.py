@@ -66,7 +66,9 @@ __all__ = [
     "NativeBuildError",
     "available",
     "cache_dir",
+    "dense_linear",
     "dequantize",
+    "experts",
     "head_matmul",
     "library_path",
     "linear",
@@ -87,7 +89,13 @@ _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-
 _X86 = {"x86_64", "amd64", "x64"}
 CACHE_ENV = "DEEPSEEKV3_CACHE_DIR"
 _SYMBOL = "deepseekv3_fp8_isa_mask"  # the C entry point the loader calls first
-_OPS = ("linear", "head_matmul", "dequantize")  # what the library must register in torch.ops.deepseekv3_fp8
+_OPS = (
+    "linear",
+    "head_matmul",
+    "dequantize",
+    "dense_linear",
+    "experts",
+)  # what the library must register in torch.ops.deepseekv3_fp8
 _MANIFEST_FORMAT = 1
 _MANIFEST_MAX_BYTES = 1 << 16
 # Opening flags for files in the cache: never through a symlink, never handed to a child process, and never
@@ -501,6 +509,10 @@ def _register_fakes() -> None:
     def _(x, weight, isa):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("deepseekv3_fp8::experts")
+    def _(x, counts, weights, scales, block_m, block_n, max_stream_rows, isa):
+        return x.new_empty(x.shape[0], weights[2].shape[0] if weights else x.shape[1])
+
 
 def _load() -> None:
     forced = os.environ.get("DEEPSEEKV3_FP8_ISA", "auto").strip().lower()
@@ -637,6 +649,24 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, *, _isa: str | None = No
     fp32 products and sums, the weight streamed once per 2-4 input rows: a decode step's output head, which torch
     multiplies at about half the read bandwidth. Few rows only (decode); the caller sends more to BLAS."""
     return _state["ops"].dense_linear(x, weight, _isa_code(_isa))
+
+
+def experts(
+    x: torch.Tensor,
+    counts: list[int],
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    block_size,
+    *,
+    max_stream_rows: int = STREAM_MAX_ROWS,
+    _isa: str | None = None,
+) -> torch.Tensor:
+    """The routed experts of one MoE layer on ``x [A, D]``, rows sorted by expert: ``counts[e]`` rows for the
+    ``e``-th expert given, whose ``(gate, up, down)`` FP8 weights are ``weights[3e : 3e + 3]`` (scales alike). Each
+    expert's rows become ``down(silu(gate(x)) * up(x))`` -> ``[A, D]``: three :func:`linear` products, torch's silu
+    and product between them (bit-identical to calling them one by one), in one call."""
+    bm, bn = _blocks(block_size)
+    return _state["ops"].experts(x, counts, weights, scales, bm, bn, int(max_stream_rows), _isa_code(_isa))
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, *, _isa: str | None = None) -> torch.Tensor:

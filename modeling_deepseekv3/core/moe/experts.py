@@ -11,10 +11,10 @@ ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference
   hooks, experts on other devices, and autograd. The reference-shaped path.
 * **plain**: dense, hook-free experts during inference: only the matmuls run per expert (written into
   shared buffers); the activation and gating run once over all rows.
-* **plain fp8**: FP8 experts on the CPU kernels during inference: each active expert's three products called
-  directly (:func:`~...fp8.linear.fp8_native_linear`), the same ops the modules would run -- bit-identical to them --
-  without ~20 us of module and dispatch Python per projection (at decode, Moonlight's 26 MoE layers x 18
-  projections: 6-12 ms per token, 4-7% of the step).
+* **plain fp8**: FP8 experts on the CPU kernels during inference: all active experts' products and SwiGLUs in one
+  native call (:func:`~...fp8.linear.fp8_native_experts`; per product with another activation), the same ops the
+  modules would run -- bit-identical to them -- without ~20 us of module and dispatch Python per projection (at
+  decode, Moonlight's 26 MoE layers x 18 projections: 6-12 ms per token, 4-7% of the step).
 * **grouped**: dense experts during inference, after the layer's first call re-homes their weights into two
   stacked buffers (``gate_up [E, 2I, D]``, ``down [E, D, I]``): two grouped matmuls per layer. Each
   expert's parameters keep their identity and names; only their ``.data`` becomes a view into the stack,
@@ -26,9 +26,18 @@ ways to run them, chosen per call, all equal to :func:`~.reference.moe_reference
   Triton kernel (:func:`~...fp8.linear.fp8_grouped_matmul`)
   over the experts that received rows: no per-expert Python loop, 1 byte per weight read. Stacking costs
   one layer's expert weights of transient memory, once.
+
+Under ``torch.compile`` at inference the whole choice above runs as one opaque op,
+``torch.ops.deepseekv3.routed_experts``: which experts received rows is data (the paths' one host sync), so a graph
+cannot hold the loop, and a ``fullgraph=True`` decode step (a static cache, ``generate(compile_config=...)``) would
+fail there. The op calls back into the eager paths by the layer's name (vLLM's ``moe_forward`` does the same), so
+compiled and eager runs take the same path and give the same bits; everything around it (router, dispatch,
+combine, attention, norms) is compiled. With autograd on, the eager code runs (a graph break).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +45,7 @@ from torch import nn
 
 from ...fp8 import FP8Linear
 from ...fp8 import dispatch as fp8_dispatch
-from ...fp8.linear import fp8_grouped_matmul, fp8_native_linear, fp8_native_takes
+from ...fp8.linear import fp8_grouped_matmul, fp8_native_experts, fp8_native_linear, fp8_native_takes
 from ..layers import SwiGLUMLP
 
 __all__ = ["RoutedExperts"]
@@ -57,9 +66,19 @@ class RoutedExperts(nn.ModuleList):
         # FP8: ((gate, up, down) float8 stacks, their scale stacks, data_ptrs of each expert's six tensors)
         self._fp8_stack = None
         self._fp8_stack_tried = False
+        _COMPILED[_compiled_name(self)] = self
+
+    def __setstate__(self, state) -> None:  # copies (deepcopy, pickle) are layers a graph may call too
+        super().__setstate__(state)
+        _COMPILED[_compiled_name(self)] = self
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``x_AD``: rows sorted by expert, ``counts_E[e]`` of them for expert ``e``."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return torch.ops.deepseekv3.routed_experts(x_AD, counts_E, _compiled_name(self))
+        return self._forward_eager(x_AD, counts_E)
+
+    def _forward_eager(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_AD.shape[0] == 0:
             return x_AD.new_zeros(0, x_AD.shape[-1])
         active = counts_E.nonzero().flatten().tolist()  # the one host sync
@@ -71,8 +90,9 @@ class RoutedExperts(nn.ModuleList):
             if self._stack_intact(x_AD, active) or (not self._stack_tried and self.stack()):
                 return self._run_stacked(x_AD, counts_E)
         slices = list(zip(active, counts_E[active].tolist()))
-        if inference and self._plain_fp8_applies(x_AD, active):
-            return self._run_plain_fp8(x_AD, slices)
+        trios = self._plain_fp8_trios(x_AD, active) if inference else None
+        if trios is not None:
+            return self._run_plain_fp8(x_AD, slices, trios)
         if inference and all(_is_plain_expert(self[e], x_AD) for e in active):
             return self._run_plain(x_AD, slices)
         return self._run_modules(x_AD, slices)
@@ -105,37 +125,54 @@ class RoutedExperts(nn.ModuleList):
             start += count
         return y_AD
 
-    def _plain_fp8_applies(self, x: torch.Tensor, active: list[int]) -> bool:
-        """Every active expert a plain FP8 trio (no hooks, no wrappers) whose products the CPU kernels run: the
-        ``"linear"`` backend for this input is ``"native"`` (asked once, of the first expert: the per-call part of
-        the answer is the input's) and each weight is one the kernels read."""
-        probe = self[active[0]].gate_proj
+    def _plain_fp8_trios(self, x: torch.Tensor, active: list[int]) -> list[FP8Linear] | None:
+        """The active experts' projections, ``(gate, up, down)`` per expert in ``active``'s order, when every active
+        expert is a plain FP8 trio (no hooks, no wrappers) whose products the CPU kernels run: the ``"linear"``
+        backend for this input is ``"native"`` (asked once, of the first expert: the per-call part of the answer is
+        the input's) and each weight is one the kernels read. Else None. Runs per layer and decode step: modules
+        are read from their own dicts (``ModuleList`` indexing and ``Module.__getattr__`` cost ~1 us a lookup)."""
+        experts = self._modules
+        probe = experts[str(active[0])]._modules["gate_proj"]
         if not isinstance(probe, FP8Linear):
-            return False
+            return None
         if (
             fp8_dispatch.choose_backend(probe.compute, probe.weight, probe.weight_scale_inv, probe.block_size, x)
             != "native"
         ):
-            return False
+            return None
+        trios = []
         for e in active:
-            expert = self[e]
-            if not _is_plain_fp8_expert(expert, probe):
-                return False
-            for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
+            projs = _plain_fp8_trio(experts[str(e)], probe)
+            if projs is None:
+                return None
+            for proj in projs:
+                params = proj._parameters
                 if proj.compute != probe.compute or not fp8_native_takes(
-                    proj.weight, proj.weight_scale_inv, proj.block_size
+                    params["weight"], params["weight_scale_inv"], proj.block_size
                 ):
-                    return False
-        return True
+                    return None
+            trios += projs
+        return trios
 
-    def _run_plain_fp8(self, x_AD: torch.Tensor, slices) -> torch.Tensor:
+    def _run_plain_fp8(self, x_AD: torch.Tensor, slices, trios: list[FP8Linear]) -> torch.Tensor:
+        """``trios``: :meth:`_plain_fp8_trios`' answer for the experts of ``slices``."""
+        acts = [self._modules[str(e)]._modules["act_fn"] for e, _ in slices]
+        if all(type(act) is nn.SiLU and not _hooked(act) for act in acts):
+            # the products and the SwiGLU between them in one native call (what they are below, bit for bit)
+            return fp8_native_experts(
+                x_AD,
+                [count for _, count in slices],
+                [p._parameters["weight"] for p in trios],
+                [p._parameters["weight_scale_inv"] for p in trios],
+                trios[0].block_size,
+            )  # (A, D)
         outs, start = [], 0
-        for expert_id, count in slices:
-            expert, x = self[expert_id], x_AD[start : start + count]
-            g, u, d = expert.gate_proj, expert.up_proj, expert.down_proj
+        for i, (_, count) in enumerate(slices):
+            x = x_AD[start : start + count]
+            g, u, d = trios[3 * i : 3 * i + 3]
             gate = fp8_native_linear(x, g.weight, g.weight_scale_inv, g.block_size)
             up = fp8_native_linear(x, u.weight, u.weight_scale_inv, u.block_size)
-            outs.append(fp8_native_linear(expert.act_fn(gate) * up, d.weight, d.weight_scale_inv, d.block_size))
+            outs.append(fp8_native_linear(acts[i](gate) * up, d.weight, d.weight_scale_inv, d.block_size))
             start += count
         return torch.cat(outs) if len(outs) > 1 else outs[0]  # (A, D)
 
@@ -290,6 +327,32 @@ class RoutedExperts(nn.ModuleList):
         return fp8_grouped_matmul(h_AI, down, down_s, counts_E, block)  # (A, D)
 
 
+#: Every live layer by the name a compiled graph calls it in ``routed_experts`` (module docstring). Filled when a
+#: layer is built or copied, not while tracing: dynamo would apply that write only after the graph's first run.
+_COMPILED: weakref.WeakValueDictionary[str, RoutedExperts] = weakref.WeakValueDictionary()
+
+
+def _compiled_name(experts: RoutedExperts) -> str:
+    """Unique among live objects; dynamo guards a graph on the module's identity, so a graph never calls a name
+    whose module is gone."""
+    return f"experts@{id(experts):x}"
+
+
+@torch.library.custom_op("deepseekv3::routed_experts", mutates_args=())
+def _routed_experts_op(x_AD: torch.Tensor, counts_E: torch.Tensor, experts: str) -> torch.Tensor:
+    """The eager experts of the layer registered as ``experts`` on rows sorted by expert -> ``[A, D]``."""
+    module = _COMPILED.get(experts)
+    if module is None:
+        raise RuntimeError(f"The compiled graph calls routed experts {experts!r}, which no longer exist.")
+    out = module._forward_eager(x_AD, counts_E)
+    return out.clone() if out is x_AD else out  # (a custom op's output may not alias its input)
+
+
+@_routed_experts_op.register_fake
+def _(x_AD: torch.Tensor, counts_E: torch.Tensor, experts: str) -> torch.Tensor:
+    return torch.empty_like(x_AD)  # (A, D): every expert maps the hidden size to itself
+
+
 #: What a plain (unsharded) weight's type is: a sharded DTensor parameter is of DTensor's type instead.
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
@@ -300,18 +363,30 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks) or "_hf_hook" in module.__dict__
 
 
+_TRIO = ("gate_proj", "up_proj", "down_proj")
+
+
+def _plain_fp8_trio(expert: nn.Module, ref: FP8Linear) -> tuple[FP8Linear, FP8Linear, FP8Linear] | None:
+    """``(gate, up, down)`` if they are three bias-free ``FP8Linear`` projections, no hooks of any kind, on ``ref``'s
+    device with its block size; else None. Reads the modules' dicts (it runs per active expert per decode step)."""
+    if _hooked(expert):
+        return None
+    device, block = ref.weight.device, ref.block_size
+    mods = expert._modules
+    projs = tuple(mods[name] for name in _TRIO)
+    for proj in projs:
+        if type(proj) is not FP8Linear or _hooked(proj) or proj.block_size != block:
+            return None
+        params = proj._parameters
+        w = params["weight"]
+        if params["bias"] is not None or type(w) not in _PLAIN_TENSORS or w.device != device or w.is_meta:
+            return None  # (a sharded DTensor under tp_plan is not a plain tensor)
+    return projs
+
+
 def _is_plain_fp8_expert(expert: nn.Module, ref: FP8Linear) -> bool:
     """Three bias-free ``FP8Linear`` projections, no hooks of any kind, on ``ref``'s device with its block size."""
-    if _hooked(expert):
-        return False
-    device, block = ref.weight.device, ref.block_size
-    for proj in (expert.gate_proj, expert.up_proj, expert.down_proj):
-        if type(proj) is not FP8Linear or proj.bias is not None or _hooked(proj) or proj.block_size != block:
-            return False
-        w = proj.weight
-        if type(w) not in _PLAIN_TENSORS or w.device != device or w.is_meta:  # not a sharded DTensor under tp_plan
-            return False
-    return True
+    return _plain_fp8_trio(expert, ref) is not None
 
 
 def _is_plain_expert(expert: nn.Module, x: torch.Tensor) -> bool:

@@ -1292,6 +1292,56 @@ Tensor dense_linear(Tensor x, Tensor weight, int64_t isa) {
   return out;
 }
 
+// aten ops the experts op applies between its products, through the dispatcher: torch's own kernels, so the result
+// is the module path's bit for bit
+void call_inplace(const char* op, const char* overload, std::initializer_list<Tensor> args) {
+  std::array<StableIValue, 2> stack{};
+  size_t n = 0;
+  for (const Tensor& t : args) stack[n++] = torch::stable::detail::from(t);
+  STD_TORCH_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION) == AOTI_TORCH_SUCCESS,
+                  "deepseekv3_fp8: ", op, " failed");
+  (void)torch::stable::detail::to<Tensor>(stack[0]);  // release the returned handle
+}
+
+// The routed experts of one MoE layer on rows sorted by expert (inference): x [A, D], counts[e] rows for the e-th
+// expert given, weights / scales (gate, up, down) per expert. Rows of expert e: down(silu(gate(x_e)) * up(x_e)), each
+// product `linear`'s, silu and the product torch's. One call per layer instead of three per active expert: what a
+// compiled decode step runs (the Python between the products was most of a small model's expert time).
+Tensor experts(Tensor x, std::vector<int64_t> counts, std::vector<Tensor> weights, std::vector<Tensor> scales,
+               int64_t bm, int64_t bn, int64_t max_stream_rows, int64_t isa) {
+  check_input(x);
+  const int64_t n = int64_t(counts.size());
+  STD_TORCH_CHECK(int64_t(weights.size()) == 3 * n && int64_t(scales.size()) == 3 * n,
+                  "deepseekv3_fp8.experts: 3 weights and 3 scales per expert");
+  STD_TORCH_CHECK(x.dim() == 2, "deepseekv3_fp8.experts: x must be [A, D]");
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    STD_TORCH_CHECK(c >= 0, "deepseekv3_fp8.experts: negative row count");
+    total += c;
+  }
+  STD_TORCH_CHECK(total == x.size(0), "deepseekv3_fp8.experts: the counts add up to ", total, ", x has ", x.size(0),
+                  " rows");
+  for (int64_t i = 0; i < 3 * n; ++i) check_weight(weights[size_t(i)], scales[size_t(i)], bm, bn);
+  const int64_t d_out = n ? weights[2].size(0) : x.size(1);
+  Tensor out = torch::stable::new_empty(x, {x.size(0), d_out});
+  for (int64_t e = 0, start = 0; e < n; start += counts[size_t(e)], ++e) {
+    if (counts[size_t(e)] == 0) continue;
+    const Tensor* w = weights.data() + 3 * e;
+    const Tensor* s = scales.data() + 3 * e;
+    STD_TORCH_CHECK(w[0].size(1) == x.size(1) && w[1].size(1) == x.size(1) && w[0].size(0) == w[1].size(0) &&
+                        w[2].size(1) == w[0].size(0) && w[2].size(0) == d_out,
+                    "deepseekv3_fp8.experts: expert ", e, "'s weights do not chain (gate/up [I, D], down [D, I])");
+    Tensor xe = torch::stable::narrow(x, 0, start, counts[size_t(e)]);
+    Tensor gate = linear(xe, w[0], s[0], bm, bn, max_stream_rows, isa);
+    Tensor up = linear(xe, w[1], s[1], bm, bn, max_stream_rows, isa);
+    call_inplace("aten::silu_", "", {gate});
+    call_inplace("aten::mul_", "Tensor", {gate, up});
+    Tensor ye = torch::stable::narrow(out, 0, start, counts[size_t(e)]);
+    torch::stable::copy_(ye, linear(gate, w[2], s[2], bm, bn, max_stream_rows, isa));
+  }
+  return out;
+}
+
 // The dense fp32 weight, bit-identical to block_dequantize (float(code) * scale, rounded once).
 Tensor dequantize(Tensor weight, Tensor scale, int64_t bm, int64_t bn, int64_t isa) {
   check_weight(weight, scale, bm, bn);
@@ -1311,6 +1361,8 @@ STABLE_TORCH_LIBRARY(deepseekv3_fp8, m) {
         "int row_offset, int rows, bool transpose, int blas_min_rows, int isa) -> Tensor");
   m.def("dequantize(Tensor weight, Tensor scale_inv, int block_m, int block_n, int isa) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor weight, int isa) -> Tensor");
+  m.def("experts(Tensor x, int[] counts, Tensor[] weights, Tensor[] scales, int block_m, int block_n, "
+        "int max_stream_rows, int isa) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(deepseekv3_fp8, CPU, m) {
@@ -1318,4 +1370,5 @@ STABLE_TORCH_LIBRARY_IMPL(deepseekv3_fp8, CPU, m) {
   m.impl("head_matmul", TORCH_BOX(&head_matmul));
   m.impl("dequantize", TORCH_BOX(&dequantize));
   m.impl("dense_linear", TORCH_BOX(&dense_linear));
+  m.impl("experts", TORCH_BOX(&experts));
 }
