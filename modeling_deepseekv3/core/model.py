@@ -100,9 +100,11 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     _supports_sdpa = True
     # padding-free batches (position_ids restarts, cu_seq_lens_*) are kept apart: transformers' tests read this
-    # flag as "follows the new attention-mask API". _can_compile_fullgraph stays False: the routed experts'
-    # dispatch has data-dependent shapes, so the forward does not compile to one graph.
+    # flag as "follows the new attention-mask API".
     _supports_attention_backend = True
+    # a decode step compiles to one graph: the routed experts (whose per-expert loop has data-dependent shapes) are
+    # one opaque op inside it (core/moe/experts.py), the static cache writes in place at tensor positions
+    _can_compile_fullgraph = True
     _skip_keys_device_placement = ["cache"]
     _can_record_outputs = {
         "hidden_states": DeepseekV3DecoderLayer,
@@ -238,8 +240,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             kv_len = cache.get_mask_sizes(s, 0)[0] if cache is not None else s
             segments = packed_segment_ids(position_ids, attention_mask, past, cu_seq_lens_q)
-            if position_ids is None:
-                position_ids = torch.arange(past, past + s, device=inputs_embeds.device)[None].expand(b, s)
+            if position_ids is None:  # (past: a tensor for a static cache, whose arange would have a data size)
+                position_ids = (torch.arange(s, device=inputs_embeds.device) + past)[None].expand(b, s)
             mask = build_attention_mask(attention_mask, b, s, past, kv_len, inputs_embeds.device, segments)
         position_embeddings = self.rotary_emb(position_ids)
 

@@ -1,11 +1,14 @@
 """Where ``generate()`` meets this model: the latent cache, the context limit, and MTP speculative decoding.
 
 Every override of a private ``GenerationMixin`` method lives in this file, and nowhere else in the package.
-transformers has no public seam for these three needs:
+transformers has no public seam for these four needs:
 
 * ``_prepare_cache_for_generation``: ``generate()`` would build a K/V ``DynamicCache``; MLA caches the latent.
 * ``_validate_generated_length``: refuse a request longer than ``max_position_embeddings`` up front (RoPE has no
   positions past it) instead of producing garbage after the limit.
+* ``_valid_auto_compile_criteria``: ``generate(compile_config=...)`` with a static cache compiles the decode step on
+  the CPU too (transformers compiles only on accelerators unless a test-only switch is set; on a CPU the step's
+  Python is most of a small model's time, and a user who passes ``compile_config`` asked for it).
 * ``_sample``: speculative decoding with the MTP layer. transformers' own route for drafts (assisted decoding
   with a candidate generator) runs one row at a time and crops the cache after each rejection; the MTP loop
   (:func:`~.mtp.mtp_decode`) keeps the whole batch and the latent cache, masking rejected slots instead.
@@ -15,6 +18,8 @@ compares them with the installed transformers and names its version when one cha
 """
 
 from __future__ import annotations
+
+import copy
 
 from ..core.cache import LatentCache, StaticLatentCache
 from .mtp import mtp_cache_length, mtp_decode, mtp_generation_config, mtp_tokens
@@ -41,6 +46,7 @@ PRIVATE_API = {
         "batch_size",
         "max_cache_length",
     ),
+    "GenerationMixin._valid_auto_compile_criteria": ("self", "model_kwargs", "generation_config"),
     "GenerationMixin._validate_generated_length": (
         "self",
         "generation_config",
@@ -69,6 +75,17 @@ class DeepseekV3GenerationMixin:
                 f"{generation_config.max_length} positions, more than this model's max_position_embeddings ({limit}). "
                 "Shorten the prompt or lower max_new_tokens."
             )
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
+        """transformers' criteria, with a CPU counted as compiling hardware when the caller passed a
+        ``compile_config`` (module docstring). Offloaded weights, a dynamic cache or ``disable_compile`` still say no."""
+        compile_config = generation_config.compile_config
+        if compile_config is not None and self.device.type == "cpu" and not compile_config._compile_all_devices:
+            compile_config = copy.copy(compile_config)
+            compile_config._compile_all_devices = True
+            generation_config = copy.copy(generation_config)
+            generation_config.compile_config = compile_config
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _sample(
         self,

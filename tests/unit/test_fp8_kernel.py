@@ -289,7 +289,15 @@ def test_fp8_experts_run_without_their_module_calls_and_equal_them(tiny_fp8, mon
         ran_modules = []
         real = type(experts)._run_modules
         monkeypatch.setattr(type(experts), "_run_modules", lambda *a: ran_modules.append(1) or real(*a))
-        assert torch.equal(experts(x_AD, counts_E), by_modules) and not ran_modules
+        fused = []
+        real_experts = native.experts
+        monkeypatch.setattr(native, "experts", lambda *a, **k: fused.append(1) or real_experts(*a, **k))
+        assert torch.equal(experts(x_AD, counts_E), by_modules) and not ran_modules and fused == [1]
+        silu = experts[2].act_fn
+        experts[2].act_fn = torch.nn.GELU()  # another activation: the products one by one, still not the modules
+        expected = real(experts, x_AD, slices)
+        assert torch.equal(experts(x_AD, counts_E), expected) and not ran_modules and fused == [1]
+        experts[2].act_fn = silu
         handle = experts[6].register_forward_hook(lambda *a: None)
         assert torch.equal(experts(x_AD, counts_E), by_modules) and ran_modules == [1]
         handle.remove()
@@ -300,6 +308,26 @@ def test_fp8_experts_run_without_their_module_calls_and_equal_them(tiny_fp8, mon
         assert ran_modules == [1, 1]
     experts(x_AD.requires_grad_(), counts_E)
     assert ran_modules == [1, 1, 1]
+
+
+def test_experts_op_refuses_what_does_not_chain():
+    """The experts op checks its lists before computing: counts that do not add up to the rows, a missing weight,
+    and projections whose shapes do not chain are errors naming the problem; experts with no rows are skipped."""
+    layers = [FP8Linear(256, 128), FP8Linear(256, 128), FP8Linear(128, 256)]
+    for layer in layers:
+        layer.set_dense_weight(torch.randn(layer.out_features, layer.in_features))
+    w = [layer.weight for layer in layers]
+    s = [layer.weight_scale_inv for layer in layers]
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        alone = native.experts(x, [3], w, s, (128, 128))
+        assert torch.equal(native.experts(x, [0, 3, 0], w * 3, s * 3, (128, 128)), alone)
+        with pytest.raises(RuntimeError, match="counts add up to 2, x has 3 rows"):
+            native.experts(x, [2], w, s, (128, 128))
+        with pytest.raises(RuntimeError, match="3 weights and 3 scales per expert"):
+            native.experts(x, [3], w[:2], s[:2], (128, 128))
+        with pytest.raises(RuntimeError, match="do not chain"):
+            native.experts(x, [3], [w[0], w[1], w[0]], [s[0], s[1], s[0]], (128, 128))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
