@@ -13,6 +13,8 @@ Each phase runs in its own process, so each peak RSS is that phase's alone:
   each ``--threads`` (median step of ``--new-tokens``, ``--rounds`` rounds), the weight bytes one token reads
   (routed experts at top-k / n_routed, the embedding as one row) and that as a fraction of this machine's
   measured read bandwidth; peak RSS over the whole phase (mapped weights included: everything this process held).
+  The same with the decode step compiled (``cache_implementation="static"``, ``compile_config=CompileConfig(
+  fullgraph=True)``), compiled once per thread count (its seconds printed), rounds alternating with the eager ones.
 * ``llamacpp``: llama.cpp (``llama-cpp-python``, as in ``vs_llamacpp.py``) decoding the same weights: a Q8_0 GGUF
   that llama.cpp's converter writes from our BF16 export (the 33 GB export is deleted afterwards; done once, ~10
   minutes), same prompt, same thread counts, the same figures. Our model and llama.cpp's do not fit in memory
@@ -100,20 +102,37 @@ def phase_decode(path: Path, args) -> dict:
     # no EOS rather than min_new_tokens, whose logits processors cost ~1 ms a step at this vocabulary (vs_llamacpp.py)
     kw = {"do_sample": False, "max_new_tokens": args.new_tokens + 1, "eos_token_id": None}
 
-    def step_seconds() -> float:
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compiled = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True, mode="default")}
+
+    def step_seconds(**extra) -> float:
         clock = StepClock()
-        model.generate(prompt, streamer=clock, pad_token_id=0, **kw)
+        model.generate(prompt, streamer=clock, pad_token_id=0, **kw, **extra)
         return statistics.median(b - a for a, b in zip(clock.times[1:], clock.times[2:]))  # decode steps only
 
     for t in args.threads:
         bandwidth = read_bandwidth(t)
         torch.set_num_threads(t)
         model.generate(prompt, pad_token_id=0, do_sample=False, max_new_tokens=3)  # warm-up: pages the weights in
-        step = checked(statistics.median(step_seconds() for _ in range(args.rounds)), f"decode, {t} thread(s)")
+        torch._dynamo.reset()  # inductor sizes its kernels' parallelism for the threads it compiles with
+        model.__dict__.pop("_compiled_call", None)
+        t0 = time.perf_counter()
+        step_seconds(**compiled)  # compiles
+        compile_s = time.perf_counter() - t0
+        eager, fast = [], []
+        for _ in range(args.rounds):
+            eager.append(step_seconds())
+            fast.append(step_seconds(**compiled))
+        step = checked(statistics.median(eager), f"decode, {t} thread(s)")
+        step_c = checked(statistics.median(fast), f"compiled decode, {t} thread(s)")
         out[f"{t} thread(s)"] = {
             "decode_tok_s": 1 / step,
             "read_bandwidth_gb_s": bandwidth / 1e9,
             "bandwidth_fraction": nbytes / step / bandwidth,
+            "compiled_decode_tok_s": 1 / step_c,
+            "compiled_bandwidth_fraction": nbytes / step_c / bandwidth,
+            "compile_s": compile_s,
         }
     out["peak_rss_gib"] = peak_rss() / GiB
     out["anon_gib"] = rss_anon() / GiB
@@ -188,13 +207,21 @@ ALTERNATING = ("decode", "llamacpp")  # run --repeat times each, in turn
 
 
 def median_runs(runs: list[dict], threads: list[int]) -> dict:
-    """One phase's figures, decode rates the medians over its runs (the other fields from the first)."""
+    """One phase's figures, decode rates and read bandwidth the medians over its runs (the other fields from the
+    first; one run's bandwidth reading on a shared host can be far off: 55 GB/s once where the others read 35)."""
     out = dict(runs[0])
     for t in threads:
         key = f"{t} thread(s)"
         rate = statistics.median(r[key]["decode_tok_s"] for r in runs)
         out[key] = {**runs[0][key], "decode_tok_s": rate, "runs": [r[key]["decode_tok_s"] for r in runs]}
+        out[key]["read_bandwidth_gb_s"] = statistics.median(r[key]["read_bandwidth_gb_s"] for r in runs)
         out[key]["bandwidth_fraction"] = out["bytes_per_token"] * rate / (out[key]["read_bandwidth_gb_s"] * 1e9)
+        if "compiled_decode_tok_s" in runs[0][key]:
+            rate = statistics.median(r[key]["compiled_decode_tok_s"] for r in runs)
+            out[key]["compiled_decode_tok_s"] = rate
+            out[key]["compiled_bandwidth_fraction"] = (
+                out["bytes_per_token"] * rate / (out[key]["read_bandwidth_gb_s"] * 1e9)
+            )
     out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
     return out
 
@@ -218,12 +245,16 @@ def report(name: str, r: dict, threads: list[int]) -> None:
         print(
             f"  {r['parameters'] / 1e9:.1f}B parameters, {r['bytes_per_token'] / 1e9:.2f} GB of weights read per token"
         )
-        print(f"  {'threads':>7s} {'decode tok/s':>12s} {'read BW GB/s':>12s} {'frac of BW':>10s}")
+        print(
+            f"  {'threads':>7s} {'decode tok/s':>12s} {'frac of BW':>10s} {'compiled':>9s} {'frac of BW':>10s} "
+            f"{'read BW GB/s':>12s} {'compile s':>9s}"
+        )
         for t in threads:
             row = r[f"{t} thread(s)"]
             print(
-                f"  {t:7d} {row['decode_tok_s']:12.2f} {row['read_bandwidth_gb_s']:12.1f} "
-                f"{row['bandwidth_fraction']:10.2f}"
+                f"  {t:7d} {row['decode_tok_s']:12.2f} {row['bandwidth_fraction']:10.2f} "
+                f"{row['compiled_decode_tok_s']:9.2f} {row['compiled_bandwidth_fraction']:10.2f} "
+                f"{row['read_bandwidth_gb_s']:12.1f} {row['compile_s']:9.0f}"
             )
     else:
         print(
@@ -282,13 +313,17 @@ def main():
         results[name] = median_runs(runs[name], args.threads) if name in ALTERNATING else runs[name][0]
         report(name, results[name], args.threads)
     if "decode" in results and "llamacpp" in results:
-        print(
-            "\n  ours / llama.cpp Q8_0, decode: "
-            + ", ".join(
-                f"{ratio(1 / results['llamacpp'][f'{t} thread(s)']['decode_tok_s'], 1 / results['decode'][f'{t} thread(s)']['decode_tok_s']):.2f}x at {t} thread(s)"
-                for t in args.threads
+        for mine, key in (("ours", "decode_tok_s"), ("ours compiled", "compiled_decode_tok_s")):
+            rows = [
+                (t, results["decode"][f"{t} thread(s)"], results["llamacpp"][f"{t} thread(s)"]) for t in args.threads
+            ]
+            print(
+                f"\n  {mine} / llama.cpp Q8_0, decode: "
+                + ", ".join(
+                    f"{ratio(1 / theirs['decode_tok_s'], 1 / row[key]):.2f}x at {t} thread(s)"
+                    for t, row, theirs in rows
+                )
             )
-        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

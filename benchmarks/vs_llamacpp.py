@@ -3,7 +3,9 @@
 What runs (each model, each thread count, ``--rounds`` interleaved rounds after a warm-up):
 
 * ours: ``DeepseekV3ForCausalLM.from_pretrained(checkpoint, dtype=float32)``, FP8 weights on the native kernel;
-  greedy ``generate()`` timed per step (``timing.StepClock``);
+  greedy ``generate()`` timed per step (``timing.StepClock``); and "ours compiled", the same model with its decode
+  step compiled (``cache_implementation="static"``, ``compile_config=CompileConfig(fullgraph=True)``; compiled in
+  the warm-up, which runs every timed shape once);
 * llama.cpp through ``llama-cpp-python`` (an optional extra, never a dependency of the package: ``pip install
   ".[llamacpp]"`` with ``CMAKE_ARGS="-DGGML_NATIVE=ON"`` builds it for this CPU), on GGUF files written from our
   BF16 export by llama.cpp's own converter (``convert_hf_to_gguf.py`` from the same llama-cpp-python sdist, its
@@ -181,6 +183,8 @@ def gguf_bytes_per_token(path: Path, src: Path, config) -> float:
 
 
 class Ours:
+    generate_kwargs: dict = {}
+
     def __init__(self, path: Path):
         self.model = ds.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.bytes = ours_bytes_per_token(self.model)
@@ -191,6 +195,7 @@ class Ours:
         # no EOS instead of min_new_tokens: its two logits processors cost ~1 ms a step at a 160k vocabulary, which
         # llama.cpp is not charged for
         kw = {"do_sample": False, "max_new_tokens": steps + 1, "eos_token_id": None, "pad_token_id": 0}
+        kw.update(self.generate_kwargs)
         out = self.model.generate(ids, streamer=clock, **kw)[0, len(prompt) :].tolist()
         intervals = [b - a for a, b in itertools.pairwise(clock.times[1:])]  # decode steps only
         return statistics.median(intervals), out
@@ -199,6 +204,27 @@ class Ours:
         clock = StepClock()
         self.model.generate(torch.tensor([prompt]), streamer=clock, max_new_tokens=1, do_sample=False, pad_token_id=0)
         return clock.times[1] - clock.times[0]  # the prompt's forward and one argmax
+
+
+class OursCompiled(Ours):
+    """The same model with its decode step compiled: ``generate(cache_implementation="static",
+    compile_config=CompileConfig(fullgraph=True))`` (inductor). The cache is sized to each prompt plus its steps, so
+    each (prompt length, steps) pair compiles once per thread count, in the warm-up; later calls reuse the graph."""
+
+    def __init__(self, ours: Ours):
+        from transformers.generation.configuration_utils import CompileConfig
+
+        self.model, self.bytes = ours.model, ours.bytes
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        self.generate_kwargs = {"cache_implementation": "static", "compile_config": config}
+        self.threads = torch.get_num_threads()
+
+    def decode(self, prompt: list[int], steps: int) -> tuple[float, list[int]]:
+        if torch.get_num_threads() != self.threads:  # inductor sizes its kernels' parallelism when it compiles
+            torch._dynamo.reset()
+            self.model.__dict__.pop("_compiled_call", None)
+            self.threads = torch.get_num_threads()
+        return super().decode(prompt, steps)
 
 
 class LlamaCpp:
@@ -298,8 +324,8 @@ def main():
         ours = Ours(path)
         config = ours.model.config
         context = max(args.long_context, args.prefill) + args.new_tokens + 8
-        engines = {"ours FP8": ours}
-        nbytes = {"ours FP8": ours.bytes}
+        engines = {"ours FP8": ours, "ours compiled": OursCompiled(ours)}
+        nbytes = {"ours FP8": ours.bytes, "ours compiled": ours.bytes}
         for fmt, gguf_path in ggufs.items():
             nbytes[f"llama.cpp {fmt}"] = gguf_bytes_per_token(gguf_path, src, config)
         g = torch.Generator().manual_seed(0)
@@ -314,8 +340,10 @@ def main():
                 engines[f"llama.cpp {fmt}"] = LlamaCpp(gguf_path, t, context)
             samples = {e: {"decode": [], "decode_long": [], "prefill": []} for e in engines}
             tokens = {}
-            for engine in engines.values():  # warm-up
-                engine.decode(short, 4)
+            for engine in engines.values():  # warm-up: the timed shapes (the compiled engine compiles each here)
+                engine.decode(short, args.new_tokens)
+                if args.long_context:
+                    engine.decode(long, long_steps)
                 engine.prefill(pre[:64])
             for _ in range(args.rounds):
                 for label, engine in engines.items():
@@ -350,13 +378,20 @@ def main():
                     f"  {label:18s} {row['decode_tok_s']:12.1f} {long_s} {row['prefill_tok_s']:9.1f} "
                     f"{row['bytes_per_token'] / 1e6:9.1f} {row['bandwidth_fraction']:10.2f}"
                 )
-            ours_row = table["ours FP8"]
-            for fmt in ggufs:
-                other = table[f"llama.cpp {fmt}"]
-                print(
-                    f"  ours / llama.cpp {fmt}: decode {ratio(1 / other['decode_tok_s'], 1 / ours_row['decode_tok_s']):.2f}x"
-                    f", prefill {ratio(1 / other['prefill_tok_s'], 1 / ours_row['prefill_tok_s']):.2f}x"
-                )
+            for mine in ("ours FP8", "ours compiled"):
+                ours_row = table[mine]
+                for fmt in ggufs:
+                    other = table[f"llama.cpp {fmt}"]
+                    print(
+                        f"  {mine} / llama.cpp {fmt}: decode "
+                        f"{ratio(1 / other['decode_tok_s'], 1 / ours_row['decode_tok_s']):.2f}x"
+                        f", prefill {ratio(1 / other['prefill_tok_s'], 1 / ours_row['prefill_tok_s']):.2f}x"
+                    )
+            print(
+                "  compiled / eager decode: "
+                f"{ratio(1 / table['ours FP8']['decode_tok_s'], 1 / table['ours compiled']['decode_tok_s']):.2f}x"
+                f"; greedy tokens identical: {tokens['ours compiled'] == tokens['ours FP8']}"
+            )
             same = sum(a == b for a, b in zip(tokens["ours FP8"], tokens["llama.cpp F16"]))
             print(f"  greedy tokens, ours vs llama.cpp F16: {same}/{len(tokens['ours FP8'])} identical (rounding)")
             for fmt in ggufs:
@@ -375,16 +410,19 @@ def decode_vs_context(workdir: Path, contexts: list[int], rounds: int, steps: in
     path = make_v3dims(workdir)
     ggufs = write_ggufs("v3dims", path, workdir)
     native = Native(workdir / "v3dims-bf16")
+    ours = Ours(path)
     engines = {
-        "ours FP8": Ours(path),
+        "ours FP8": ours,
+        "ours compiled": OursCompiled(ours),
         "llama.cpp Q8_0": LlamaCpp(ggufs["Q8_0"], 1, max(contexts) + steps + 8),
         "transformers native (fp32)": native,
     }
     vocab = native.model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     prompts = {c: torch.randint(2, vocab, (c,), generator=g).tolist() for c in contexts}
-    for engine in engines.values():  # warm-up
-        engine.decode(prompts[contexts[0]], 2)
+    for engine in engines.values():  # warm-up: every timed shape (the compiled engine compiles each here)
+        for c in contexts:
+            engine.decode(prompts[c], steps)
     samples = {label: {c: [] for c in contexts} for label in engines}
     for _ in range(rounds):
         for c in contexts:

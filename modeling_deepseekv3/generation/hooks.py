@@ -1,4 +1,4 @@
-"""Where ``generate()`` meets this model: the latent cache, the context limit, and MTP speculative decoding.
+"""Where ``generate()`` meets this model: the latent cache, the context limit, compiling on a CPU, and MTP decoding.
 
 Every override of a private ``GenerationMixin`` method lives in this file, and nowhere else in the package.
 transformers has no public seam for these four needs:
