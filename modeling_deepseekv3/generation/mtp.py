@@ -78,6 +78,11 @@ def mtp_generation_config(model, generation_config, kwargs: dict):
             "use_mtp=True verifies drafts against the latent cache, but use_cache=False was asked (in the "
             "call or the model's generation_config.json); drop it or set use_cache=True."
         )
+    if config.compile_config is not None:
+        raise ValueError(
+            "use_mtp=True runs its own decoding loop, which is not compiled, so compile_config would be ignored: "
+            "drop compile_config (or use_mtp) for this call."
+        )
     config.use_mtp = False
     setattr(config, _FLAG, k)
     return config, model_kwargs

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from transformers import TextIteratorStreamer
+from transformers.generation.configuration_utils import CompileConfig
 
 import modeling_deepseekv3 as ds
 from helpers import input_ids, load, native_from, oracle_model
@@ -179,6 +180,8 @@ def test_conflicts_are_clear_errors(tiny_fp8, tiny_bf16_direct_q):
         model.generate(ids, use_mtp=True, cache=transformers.DynamicCache(), max_new_tokens=3)
     with pytest.raises(ValueError, match="use_cache=False"):
         model.generate(ids, use_mtp=True, use_cache=False, max_new_tokens=3)
+    with pytest.raises(ValueError, match="compile_config would be ignored"):
+        model.generate(ids, use_mtp=True, compile_config=CompileConfig(fullgraph=True), max_new_tokens=3)
     assert model.generate(ids, use_mtp=False, max_new_tokens=3).shape == (1, 8)  # off means plain decoding
 
 
