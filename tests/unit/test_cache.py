@@ -118,7 +118,7 @@ def test_cache_bookkeeping(model):
 
 
 def test_static_cache_compiles_and_matches(model):
-    """A decode step with the pre-allocated cache under torch.compile gives the eager result."""
+    """A decode step with the pre-allocated cache, compiled to one graph (fullgraph), gives the eager result."""
     ids = input_ids(1, 6)
     with torch.no_grad():
         eager_cache = StaticLatentCache(model.config, max_cache_len=16)
@@ -127,7 +127,7 @@ def test_static_cache_compiles_and_matches(model):
         eager = model(nxt, cache=eager_cache).logits
         cache = StaticLatentCache(model.config, max_cache_len=16)
         model(ids, cache=cache)
-        compiled = torch.compile(model.forward, backend="aot_eager", dynamic=False)
+        compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=False)
         out = compiled(nxt, cache=cache).logits
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
